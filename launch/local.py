@@ -1,0 +1,211 @@
+"""Run a sweep on this machine: one run after another, or one run per local GPU.
+
+    python -m launch.local --sweep=depth_cell --sweep_dir=/tmp/depth_cell \
+        [--data_dir=../shared/corpora] [--runs='lstm_*'] [--seeds=0,1,2] \
+        [--parallel_gpus=8 [--gpus_per_run=1]] [--dry_run] [-- --num_train_steps=100]
+
+Each run trains in SWEEP_DIR/<run> (its output appended to train.log there); runs whose
+summary.json says they finished are skipped, an unfinished one resumes from its newest
+checkpoint. After training, each corpus in the run's `eval_corpora` is scored with
+`python -m deeprnn.evaluate`. Commands run from the repository root, where the flagfile paths
+point.
+"""
+
+import argparse
+import os
+import pathlib
+import queue
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from deeprnn.errors import UsageError
+from launch import sweep as sweeps
+
+
+@dataclass
+class Job:
+    run: sweeps.Run
+    workdir: pathlib.Path
+    train: list[str] | None  # None: already finished
+    evaluations: list[tuple[list[str], pathlib.Path]]  # command, where its JSON result goes
+
+
+def plan_jobs(sweep: sweeps.Sweep, sweep_dir: pathlib.Path, args) -> list[Job]:
+    python = shlex.split(args.python)
+    jobs = []
+    for run in sweep.runs:
+        workdir = sweep_dir / run.name
+        finished = sweeps.summary_is_finished(sweeps.read_local_summary(workdir))
+        train = None
+        if not finished or args.rerun_finished:
+            flags = sweeps.train_args(
+                sweep, run, str(workdir), data_dir=args.data_dir, extra_flags=args.extra_flags
+            )
+            train = [*python, "-m", args.train_module, *flags]
+        evaluations = []
+        for corpus in run.eval_corpora:
+            result = workdir / sweeps.eval_result_name(corpus)
+            if train is None and result.exists():
+                continue  # scored before, and the model has not changed since
+            flags = sweeps.evaluate_args(str(workdir), corpus, data_dir=args.data_dir)
+            evaluations.append(([*python, "-m", args.evaluate_module, *flags], result))
+        jobs.append(Job(run, workdir, train, evaluations))
+    return jobs
+
+
+def device_slots(parallel_gpus: int, gpus_per_run: int) -> list[dict]:
+    """One environment per concurrent run; no GPUs asked for means one run at a time."""
+    if parallel_gpus <= 0:
+        return [{}]
+    if gpus_per_run <= 0 or parallel_gpus % gpus_per_run:
+        raise UsageError(
+            f"--parallel_gpus={parallel_gpus} is not a multiple of --gpus_per_run={gpus_per_run}"
+        )
+    slots = []
+    for first in range(0, parallel_gpus, gpus_per_run):
+        devices = ",".join(str(d) for d in range(first, first + gpus_per_run))
+        slots.append({"CUDA_VISIBLE_DEVICES": devices})
+    return slots
+
+
+class Runner:
+    """Runs jobs on device slots, one thread per slot, and prints one line per event."""
+
+    def __init__(self, jobs: list[Job], slots: list[dict]):
+        self.jobs, self.slots = jobs, slots
+        self.lock = threading.Lock()
+        self.failed: list[str] = []
+
+    def say(self, message: str) -> None:
+        with self.lock:
+            print(message, flush=True)
+
+    def run_all(self) -> int:
+        pending = queue.Queue()
+        for index, job in enumerate(self.jobs, 1):
+            pending.put((index, job))
+        threads = [
+            threading.Thread(target=self._work, args=(pending, slot)) for slot in self.slots
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if self.failed:
+            failed = ", ".join(self.failed)
+            self.say(f"{len(self.failed)} of {len(self.jobs)} runs failed: {failed}")
+            return 1
+        self.say(f"all {len(self.jobs)} runs finished")
+        return 0
+
+    def _work(self, pending: queue.Queue, slot: dict) -> None:
+        while True:
+            try:
+                index, job = pending.get_nowait()
+            except queue.Empty:
+                return
+            if not self._run_job(f"[{index}/{len(self.jobs)}] {job.run.name}", job, slot):
+                with self.lock:
+                    self.failed.append(job.run.name)
+
+    def _run_job(self, tag: str, job: Job, slot: dict) -> bool:
+        env = {**os.environ, **slot}
+        where = f" on GPU {slot['CUDA_VISIBLE_DEVICES']}" if slot else ""
+        job.workdir.mkdir(parents=True, exist_ok=True)
+        if job.train is None:
+            self.say(f"{tag}: finished before, skipped")
+        else:
+            self.say(f"{tag}: training{where} (log: {job.workdir / 'train.log'})")
+            start = time.monotonic()
+            with open(job.workdir / "train.log", "a") as log:
+                code = subprocess.call(
+                    job.train, cwd=sweeps.REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+                )
+            if code != 0:
+                self.say(f"{tag}: FAILED with exit code {code}; see {job.workdir / 'train.log'}")
+                return False
+            self.say(f"{tag}: trained in {time.monotonic() - start:.1f}s")
+        for command, result_path in job.evaluations:
+            corpus = next(a.split("=", 1)[1] for a in command if a.startswith("--corpus="))
+            self.say(f"{tag}: evaluating on {corpus}")
+            result_path.parent.mkdir(parents=True, exist_ok=True)
+            partial = result_path.with_suffix(".json.partial")
+            log_path = result_path.with_suffix(".log")
+            with open(partial, "w") as result, open(log_path, "w") as log:
+                code = subprocess.call(
+                    command, cwd=sweeps.REPO_ROOT, env=env, stdout=result, stderr=log
+                )
+            if code != 0:
+                self.say(f"{tag}: evaluation on {corpus} FAILED ({code}); see {log_path}")
+                return False
+            partial.replace(result_path)  # present only once the evaluation completed
+            self.say(f"{tag}: evaluation on {corpus} -> {result_path}")
+        return True
+
+
+def print_dry_run(jobs: list[Job], slots: list[dict]) -> None:
+    print(f"cd {sweeps.REPO_ROOT}")
+    for index, job in enumerate(jobs):
+        slot = slots[index % len(slots)]  # the first pass of the scheduler, for illustration
+        if job.train is None:
+            print(f"# {job.run.name}: finished before, skipped")
+        else:
+            print(sweeps.shell_join(job.train, slot))
+        for command, _ in job.evaluations:
+            print(sweeps.shell_join(command, slot))
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m launch.local", description=__doc__.split("\n")[0]
+    )
+    sweeps.add_sweep_arguments(parser)
+    parser.add_argument("--sweep_dir", required=True, help="runs go to SWEEP_DIR/<run>")
+    parser.add_argument("--parallel_gpus", type=int, default=0,
+                        help="local GPUs to spread runs over (0: one run at a time, any device)")
+    parser.add_argument("--gpus_per_run", type=int, default=1, help="GPUs each run sees")
+    parser.add_argument("--rerun_finished", action="store_true",
+                        help="also start runs whose summary.json says they finished")
+    parser.add_argument("--python", default=sys.executable, help="interpreter command")
+    parser.add_argument("--train_module", default="deeprnn.train")
+    parser.add_argument("--evaluate_module", default="deeprnn.evaluate")
+    own, passthrough = sweeps.split_passthrough(argv)
+    args = parser.parse_args(own)
+    args.extra_flags = [*args.extra_flags, *passthrough]
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    sweep = sweeps.select_runs(sweeps.load_sweep(args.sweep), args.runs, args.seeds)
+    sweep_dir = pathlib.Path(args.sweep_dir).absolute()
+    slots = device_slots(args.parallel_gpus, args.gpus_per_run)
+    jobs = plan_jobs(sweep, sweep_dir, args)
+    if args.dry_run:
+        print_dry_run(jobs, slots)
+        return 0
+    flagfile = pathlib.Path(sweep.base_flagfile)
+    if not (flagfile if flagfile.is_absolute() else sweeps.REPO_ROOT / flagfile).is_file():
+        raise UsageError(f"sweep {sweep.name}: flagfile {flagfile} does not exist; write it first")
+    print(f"sweep {sweep.name}: {len(jobs)} runs in {sweep_dir}, {len(slots)} at a time")
+    code = Runner(jobs, slots).run_all()
+    print(f"compare: tensorboard --logdir={sweep_dir}   report: "
+          f"python -m deeprnn.report --sweep_dir={sweep_dir}")
+    return code
+
+
+def entry_point() -> None:
+    try:
+        sys.exit(main())
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    entry_point()

@@ -1,0 +1,188 @@
+"""What every launcher shares: load a sweep, expand it to runs, build each run's command lines.
+
+A sweep is a module in `experiments/sweeps/` (or a path to a .py file) that defines
+`BASE_FLAGFILE` and `runs()`; see `experiments/sweeps/__init__.py` for the format.
+"""
+
+import argparse
+import fnmatch
+import importlib.util
+import json
+import pathlib
+import re
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from deeprnn.errors import UsageError
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+SWEEPS_DIR = REPO_ROOT / "experiments" / "sweeps"
+# Run names become directory names locally and on GCS, and (lower-cased) TPU names.
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    flags: dict  # overrides of the base flagfile, in the order the sweep gave them
+    eval_corpora: tuple[str, ...] = ()  # corpus specs to score the trained run on
+
+
+@dataclass(frozen=True)
+class Sweep:
+    name: str
+    base_flagfile: str
+    runs: list[Run] = field(default_factory=list)
+
+
+def load_sweep(name_or_path: str) -> Sweep:
+    """Loads `experiments/sweeps/<name>.py`, or a sweep file given by its path, and expands it.
+    Loaded by path, so it works from any working directory."""
+    if name_or_path.endswith(".py"):
+        path = pathlib.Path(name_or_path)
+        if not path.is_file():
+            raise UsageError(f"sweep file {name_or_path} does not exist; pass an existing .py file")
+    else:
+        path = SWEEPS_DIR / f"{name_or_path}.py"
+        if name_or_path.startswith("_") or not path.is_file():
+            known = sorted(p.stem for p in SWEEPS_DIR.glob("[!_]*.py"))
+            raise UsageError(
+                f"unknown sweep {name_or_path!r}; pick one of {', '.join(known)} or a .py path"
+            )
+    spec = importlib.util.spec_from_file_location(f"deeprnn_sweep_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for attribute in ("BASE_FLAGFILE", "runs"):
+        if not hasattr(module, attribute):
+            raise UsageError(f"sweep {path.stem} defines no {attribute}; see {SWEEPS_DIR}")
+    return Sweep(path.stem, module.BASE_FLAGFILE, _expand(path.stem, module.runs()))
+
+
+def _expand(sweep_name: str, entries) -> list[Run]:
+    runs, seen = [], set()
+    for entry in entries:
+        name, flags, *rest = entry
+        metadata = rest[0] if rest else {}
+        if not _RUN_NAME.match(name):
+            raise UsageError(f"sweep {sweep_name}: run name {name!r} must be [A-Za-z0-9_.-]")
+        if name in seen:
+            raise UsageError(f"sweep {sweep_name}: run name {name!r} appears twice")
+        seen.add(name)
+        runs.append(Run(name, dict(flags), tuple(metadata.get("eval_corpora", ()))))
+    return runs
+
+
+def select_runs(sweep: Sweep, patterns: str | None = None, seeds: str | None = None) -> Sweep:
+    """Keeps the runs whose names match `patterns` (comma-separated globs) and, given `seeds`
+    ("0,1,2"), repeats each kept run once per seed as `<name>_seed<s>` with `--seed=s`."""
+    runs = sweep.runs
+    if patterns:
+        wanted = [p.strip() for p in patterns.split(",") if p.strip()]
+        runs = [r for r in runs if any(fnmatch.fnmatchcase(r.name, p) for p in wanted)]
+        if not runs:
+            names = ", ".join(r.name for r in sweep.runs)
+            raise UsageError(f"--runs={patterns} matches no run of {sweep.name}; runs: {names}")
+    if seeds:
+        try:
+            seed_values = [int(s) for s in seeds.split(",")]
+        except ValueError as error:
+            raise UsageError(f"--seeds={seeds} must be comma-separated integers") from error
+        runs = [
+            Run(f"{r.name}_seed{s}", {**r.flags, "seed": s}, r.eval_corpora)
+            for r in runs
+            for s in seed_values
+        ]
+    return Sweep(sweep.name, sweep.base_flagfile, runs)
+
+
+def format_flag(name: str, value) -> str:
+    if isinstance(value, bool):  # absl reads --flag=true / --flag=false
+        value = "true" if value else "false"
+    elif isinstance(value, (list, tuple)):
+        value = ",".join(str(v) for v in value)
+    return f"--{name}={value}"
+
+
+def train_args(
+    sweep: Sweep,
+    run: Run,
+    workdir: str,
+    *,
+    data_dir: str | None = None,
+    extra_flags: Sequence[str] = (),
+) -> list[str]:
+    """The flags of `python -m deeprnn.train` for one run. absl lets later flags override
+    earlier ones and the flagfile, so the order is: flagfile, workdir, data_dir, the run's
+    overrides, then the user's extra flags (which win over everything)."""
+    args = [f"--flagfile={sweep.base_flagfile}", f"--workdir={workdir}"]
+    if data_dir:
+        args.append(f"--data_dir={data_dir}")
+    args += [format_flag(k, v) for k, v in run.flags.items()]
+    args += list(extra_flags)
+    return args
+
+
+def evaluate_args(
+    workdir: str, corpus: str, *, data_dir: str | None = None, split: str = "test"
+) -> list[str]:
+    args = [f"--workdir={workdir}", f"--corpus={corpus}", f"--split={split}"]
+    if data_dir:
+        args.append(f"--data_dir={data_dir}")
+    return args
+
+
+def eval_result_name(corpus: str, split: str = "test") -> str:
+    """Where launchers keep the JSON that `deeprnn.evaluate` prints, inside the run's workdir;
+    `deeprnn.report` reads every `eval/*.json` there."""
+    return f"eval/{re.sub(r'[^A-Za-z0-9_.-]+', '+', corpus)}-{split}.json"
+
+
+def summary_is_finished(summary: dict | None) -> bool:
+    """A run is finished once its summary holds the test metrics, written only at the end."""
+    if not summary:
+        return False
+    if summary.get("finished") is True:
+        return True
+    final = summary.get("final") or {}
+    return "test/perplexity" in final
+
+
+def read_local_summary(workdir: pathlib.Path) -> dict | None:
+    path = pathlib.Path(workdir) / "summary.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError:  # being rewritten right now, or cut off by a crash
+        return None
+
+
+def shell_join(args: Sequence[str], env: dict | None = None) -> str:
+    prefix = "".join(f"{k}={shlex.quote(str(v))} " for k, v in (env or {}).items())
+    return prefix + shlex.join(args)
+
+
+def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that choose and shape a sweep, the same for every launcher."""
+    parser.add_argument("--sweep", required=True, help="name in experiments/sweeps/ or a .py path")
+    parser.add_argument("--runs", help="comma-separated run names or globs (default: all)")
+    parser.add_argument("--seeds", help="repeat each run per seed, e.g. 0,1,2 (adds --seed=s)")
+    parser.add_argument("--data_dir", help="corpus mirror passed to train as --data_dir")
+    parser.add_argument(
+        "--extra_flags",
+        action="append",
+        default=[],
+        help="a train flag for every run, e.g. --extra_flags=--num_train_steps=100 (repeatable; "
+        "train flags after a bare -- work too)",
+    )
+    parser.add_argument("--dry_run", action="store_true", help="print every command, run none")
+
+
+def split_passthrough(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """`launcher ARGS -- --flag=v ...`: everything after a bare `--` goes to every train run."""
+    argv = list(argv)
+    if "--" in argv:
+        cut = argv.index("--")
+        return argv[:cut], argv[cut + 1 :]
+    return argv, []

@@ -1,0 +1,341 @@
+"""Run a sweep on Cloud TPU VMs: one TPU per run, workdirs on GCS, Spot preemptions re-queued.
+
+    python -m launch.tpu COMMAND --sweep=depth_cell --bucket=gs://BUCKET --project=P \
+        --zone=us-central2-b [--accelerator_type=v4-8] [--runtime_version=tpu-ubuntu2204-base] \
+        [--spot] [--no_queue] [--repo_url=URL --ref=REF] [--runs=...] [--dry_run] [-- train flags]
+
+COMMAND is one of
+    up       create (queue) one TPU per run: `gcloud compute tpus queued-resources create`
+    run      on every ready TPU: install the code on all workers, start the run in the background
+    status   each run's TPU state and its progress (read from gs://.../summary.json)
+    requeue  delete and re-create TPUs that were preempted (PREEMPTED, SUSPENDED, FAILED)
+    watch    loop: re-queue preempted TPUs, start runs on ready ones, until every run finished
+    down     delete the TPUs
+
+Run R of sweep S writes to gs://BUCKET/S/R, so `tensorboard --logdir=gs://BUCKET/S` overlays
+the runs. A re-queued TPU is a fresh VM: `run` installs the code again and the training program
+resumes from the newest checkpoint in the run's gs:// workdir. Every gcloud call goes through
+`Gcloud.__call__`, which runs the `gcloud` found first on PATH.
+"""
+
+import argparse
+import json
+import pathlib
+import re
+import shlex
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Sequence
+
+from deeprnn.errors import UsageError
+from launch import sweep as sweeps
+
+READY_STATES = {"ACTIVE", "READY"}  # queued resource / TPU VM
+# A Spot TPU's queued resource goes SUSPENDING -> SUSPENDED when preempted (its node reads
+# PREEMPTED); FAILED means the request itself failed. All of them come back only by a new request.
+REQUEUE_STATES = {"PREEMPTED", "SUSPENDED", "SUSPENDING", "FAILED", "NOT_FOUND"}
+REMOTE_CODE = "~/deeprnn"
+REMOTE_RUNS = "~/deeprnn-runs"  # logs and run locks on each worker
+REMOTE_PYTHON = "$HOME/venv/bin/python"
+
+
+class Gcloud:
+    """The one door to gcloud: prints each call, and runs it unless this is a dry run."""
+
+    def __init__(self, dry_run: bool):
+        self.dry_run = dry_run
+
+    def __call__(self, args: Sequence[str], *, capture: bool = False, check: bool = True):
+        command = ["gcloud", *args]
+        if self.dry_run:
+            print(sweeps.shell_join(command), flush=True)
+        elif not capture:  # queries (describe, cat) stay quiet; actions are echoed as they run
+            print("+ " + sweeps.shell_join(command), flush=True)
+        if self.dry_run:
+            return None
+        return subprocess.run(command, check=check, text=True, capture_output=capture)
+
+
+class TpuLauncher:
+    def __init__(self, args: argparse.Namespace, sweep: sweeps.Sweep):
+        self.args, self.sweep = args, sweep
+        self.gcloud = Gcloud(args.dry_run)
+        self.sweep_name = args.sweep_name or sweep.name
+        project = [f"--project={args.project}"] if args.project else []
+        self.location = [f"--zone={args.zone}", *project]
+        self._source_tarball: str | None = None
+
+    # Names and places.
+    def tpu_name(self, run: sweeps.Run) -> str:
+        # TPU names: lower-case letters, digits and hyphens, starting with a letter, <= 63 chars.
+        name = f"{self.args.name_prefix}-{self.sweep_name}-{run.name}".lower()
+        name = re.sub(r"[^a-z0-9-]+", "-", name).strip("-")
+        return name[:63].rstrip("-")
+
+    def workdir(self, run: sweeps.Run) -> str:
+        return f"{self.args.bucket.rstrip('/')}/{self.sweep_name}/{run.name}"
+
+    # TPU life cycle.
+    def create(self, run: sweeps.Run) -> None:
+        name, a = self.tpu_name(run), self.args
+        spot = ["--spot"] if a.spot else []
+        if a.no_queue:
+            self.gcloud(["compute", "tpus", "tpu-vm", "create", name, *self.location,
+                         f"--accelerator-type={a.accelerator_type}",
+                         f"--version={a.runtime_version}", *spot])
+        else:
+            self.gcloud(["compute", "tpus", "queued-resources", "create", name,
+                         f"--node-id={name}", *self.location,
+                         f"--accelerator-type={a.accelerator_type}",
+                         f"--runtime-version={a.runtime_version}", *spot])
+
+    def delete(self, run: sweeps.Run) -> None:
+        name = self.tpu_name(run)
+        if self.args.no_queue:
+            self.gcloud(["compute", "tpus", "tpu-vm", "delete", name, *self.location, "--quiet"])
+        else:  # --force also deletes the TPU VM the queued resource holds
+            self.gcloud(["compute", "tpus", "queued-resources", "delete", name, *self.location,
+                         "--force", "--quiet"])
+
+    def state(self, run: sweeps.Run) -> str | None:
+        """ACTIVE/READY, PREEMPTED, SUSPENDED, ..., NOT_FOUND; None in a dry run."""
+        name = self.tpu_name(run)
+        if self.args.no_queue:
+            args = ["compute", "tpus", "tpu-vm", "describe", name, *self.location,
+                    "--format=value(state)"]
+        else:
+            args = ["compute", "tpus", "queued-resources", "describe", name, *self.location,
+                    "--format=value(state.state)"]
+        result = self.gcloud(args, capture=True, check=False)
+        if result is None:
+            return None
+        if result.returncode != 0:
+            if "NOT_FOUND" in result.stderr or "not found" in result.stderr:
+                return "NOT_FOUND"
+            # Anything else (auth, quota, typo in --zone) must not read as "gone, create it".
+            raise subprocess.CalledProcessError(result.returncode, ["gcloud", *args],
+                                                result.stdout, result.stderr)
+        return result.stdout.strip().upper() or "UNKNOWN"
+
+    def summary(self, run: sweeps.Run) -> dict | None:
+        result = self.gcloud(["storage", "cat", f"{self.workdir(run)}/summary.json"],
+                             capture=True, check=False)
+        if result is None or result.returncode != 0:
+            return None
+        try:
+            return json.loads(result.stdout)
+        except ValueError:
+            return None
+
+    # Code and runs on the workers.
+    def ssh(self, run: sweeps.Run, command: str) -> None:
+        self.gcloud(["compute", "tpus", "tpu-vm", "ssh", self.tpu_name(run), *self.location,
+                     "--worker=all", f"--command={command}"])
+
+    def install(self, run: sweeps.Run) -> None:
+        """Python 3.11 in ~/venv (TPU images ship 3.10), the code in ~/deeprnn, '.[tpu,gcs]'."""
+        a = self.args
+        if a.repo_url:
+            fetch = (f"([ -d {REMOTE_CODE} ] || git clone -q {shlex.quote(a.repo_url)} "
+                     f"{REMOTE_CODE}) && cd {REMOTE_CODE} && git fetch -q origin && "
+                     f"git checkout -q {shlex.quote(a.ref)}")
+        else:
+            tarball = self.source_tarball()
+            self.gcloud(["compute", "tpus", "tpu-vm", "scp", tarball,
+                         f"{self.tpu_name(run)}:deeprnn-src.tar.gz", *self.location,
+                         "--worker=all"])
+            fetch = (f"rm -rf {REMOTE_CODE} && mkdir -p {REMOTE_CODE} && "
+                     f"tar -xzf ~/deeprnn-src.tar.gz -C {REMOTE_CODE} && cd {REMOTE_CODE}")
+        steps = [
+            "set -e",
+            f"mkdir -p {REMOTE_RUNS}",
+            # A worker still running this run keeps its code: the lock says it is busy.
+            f"exec 9>{REMOTE_RUNS}/{run.name}.lock",
+            f'if ! flock -n 9; then echo "{run.name}: running, code left as is"; exit 0; fi',
+            "python3 -m pip install -q --user uv",
+            f"[ -x {REMOTE_PYTHON} ] || ~/.local/bin/uv venv -q --python {a.python_version} "
+            "$HOME/venv",
+            fetch,
+            f'~/.local/bin/uv pip install -q --python {REMOTE_PYTHON} -e ".[tpu,gcs]"',
+        ]
+        self.ssh(run, "; ".join(steps))
+
+    def start(self, run: sweeps.Run) -> None:
+        """Starts the run detached on every worker; a run already holding its lock is left be."""
+        workdir, a = self.workdir(run), self.args
+        train = sweeps.train_args(self.sweep, run, workdir, data_dir=a.data_dir,
+                                  extra_flags=a.extra_flags)
+        script = [f"{REMOTE_PYTHON} -m deeprnn.train {shlex.join(train)}"]
+        for corpus in run.eval_corpora:
+            evaluate = sweeps.evaluate_args(workdir, corpus, data_dir=a.data_dir)
+            result = f"{workdir}/{sweeps.eval_result_name(corpus)}"
+            # evaluate prints its result as JSON on stdout: stream it into one GCS object.
+            script.append(f"{REMOTE_PYTHON} -m deeprnn.evaluate {shlex.join(evaluate)} "
+                          f"| gcloud storage cp - {shlex.quote(result)}")
+        inner = "set -o pipefail; " + " && ".join(script)
+        lock, log = f"{REMOTE_RUNS}/{run.name}.lock", f"{REMOTE_RUNS}/{run.name}.log"
+        self.ssh(run, f"mkdir -p {REMOTE_RUNS} && cd {REMOTE_CODE} && setsid nohup flock -n "
+                      f"{lock} bash -c {shlex.quote(inner)} >> {log} 2>&1 < /dev/null &")
+
+    def source_tarball(self) -> str:
+        """The working tree (tracked and untracked, not ignored) packed once per invocation."""
+        if self._source_tarball is None:
+            path = pathlib.Path(tempfile.gettempdir()) / f"deeprnn-src-{self.sweep_name}.tar.gz"
+            files = _source_files()
+            if self.args.dry_run:
+                print(f"# pack {len(files)} files of {sweeps.REPO_ROOT} into {path}")
+            else:
+                with tarfile.open(path, "w:gz") as tar:
+                    for file in files:
+                        tar.add(sweeps.REPO_ROOT / file, arcname=file)
+            self._source_tarball = str(path)
+        return self._source_tarball
+
+    # Subcommands.
+    def up(self) -> None:
+        for run in self.sweep.runs:
+            self.create(run)
+
+    def run(self, only: set[str] | None = None) -> set[str]:
+        started = set()
+        for run in self.sweep.runs:
+            if only is not None and run.name not in only:
+                continue
+            state = self.state(run)
+            if state is not None and state not in READY_STATES:
+                print(f"# {run.name}: TPU {state}, not started")
+                continue
+            if sweeps.summary_is_finished(self.summary(run)):
+                print(f"# {run.name}: finished, not started")
+                continue
+            self.install(run)
+            self.start(run)
+            started.add(run.name)
+        if only is None:  # once, not on every poll of `watch`
+            print(f"# compare: tensorboard --logdir={self.args.bucket.rstrip('/')}/"
+                  f"{self.sweep_name}")
+        return started
+
+    def status(self) -> dict[str, tuple[str | None, dict | None]]:
+        table = {}
+        for run in self.sweep.runs:
+            state, summary = self.state(run), self.summary(run)
+            table[run.name] = (state, summary)
+            if self.args.dry_run:
+                continue
+            done = (summary or {}).get("steps_done", 0)
+            total = ((summary or {}).get("flags") or {}).get("num_train_steps", "?")
+            progress = f"{done}/{total} steps"
+            if sweeps.summary_is_finished(summary):
+                progress = "finished"
+            print(f"{run.name:24s} {self.tpu_name(run):40s} {state:12s} {progress}")
+        return table
+
+    def requeue(self) -> list[str]:
+        requeued = []
+        for run in self.sweep.runs:
+            state = self.state(run)
+            if state is None:
+                print(f"# if {run.name}'s TPU is {'/'.join(sorted(REQUEUE_STATES))}:")
+            elif state not in REQUEUE_STATES:
+                continue
+            elif sweeps.summary_is_finished(self.summary(run)):
+                continue  # preempted after it finished: nothing left to do
+            else:
+                print(f"# {run.name}: TPU {state}, queued again")
+            if state != "NOT_FOUND":
+                self.delete(run)
+            self.create(run)
+            requeued.append(run.name)
+        return requeued
+
+    def watch(self) -> None:
+        started: set[str] = set()
+        polls = 1 if self.args.dry_run else self.args.max_polls  # a dry run shows one round
+        for _ in range(polls):
+            for name in self.requeue():
+                started.discard(name)
+            states = {run.name: self.state(run) for run in self.sweep.runs}
+            ready = {name for name, state in states.items() if state in READY_STATES}
+            started |= self.run(only=ready - started)
+            if self.args.dry_run:
+                return
+            summaries = [self.summary(run) for run in self.sweep.runs]
+            if all(sweeps.summary_is_finished(s) for s in summaries):
+                print("# every run finished; delete the TPUs with `down`")
+                return
+            time.sleep(self.args.poll_s)
+
+    def down(self) -> None:
+        for run in self.sweep.runs:
+            self.delete(run)
+
+
+def _source_files() -> list[str]:
+    try:  # read-only: which files git would ship, untracked ones included
+        listing = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"],
+                                 cwd=sweeps.REPO_ROOT, check=True, text=True, capture_output=True)
+        files = listing.stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        files = [str(p.relative_to(sweeps.REPO_ROOT)) for p in sweeps.REPO_ROOT.rglob("*")
+                 if p.is_file() and not any(part.startswith(".") for part in p.parts)]
+    return sorted(f for f in files if (sweeps.REPO_ROOT / f).is_file())
+
+
+COMMANDS = ("up", "run", "status", "requeue", "watch", "down")
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m launch.tpu", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("command", choices=COMMANDS)
+    sweeps.add_sweep_arguments(parser)
+    parser.add_argument("--bucket", required=True, help="gs://BUCKET[/PREFIX] for the workdirs")
+    parser.add_argument("--sweep_name", help="folder under the bucket (default: the sweep's name)")
+    parser.add_argument("--project", help="Google Cloud project (default: gcloud's)")
+    parser.add_argument("--zone", required=True, help="e.g. us-central2-b for v4")
+    parser.add_argument("--accelerator_type", default="v4-8")
+    parser.add_argument("--runtime_version", default="tpu-ubuntu2204-base")
+    parser.add_argument("--spot", action="store_true", help="Spot TPUs (re-queue on preemption)")
+    parser.add_argument("--no_queue", action="store_true",
+                        help="tpu-vm create/delete instead of queued resources")
+    parser.add_argument("--name_prefix", default="deeprnn", help="TPU names: PREFIX-SWEEP-RUN")
+    parser.add_argument("--repo_url", help="git clone this on the TPUs (default: copy this tree)")
+    parser.add_argument("--ref", default="main", help="commit or branch to check out")
+    parser.add_argument("--python_version", default="3.11", help="Python for the TPU's venv")
+    parser.add_argument("--poll_s", type=float, default=300, help="watch: seconds between polls")
+    parser.add_argument("--max_polls", type=int, default=10_000, help="watch: give up after N")
+    own, passthrough = sweeps.split_passthrough(argv)
+    args = parser.parse_args(own)
+    if not args.bucket.startswith("gs://"):
+        raise UsageError(f"--bucket={args.bucket} must start with gs://")
+    args.extra_flags = [*args.extra_flags, *passthrough]
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    sweep = sweeps.select_runs(sweeps.load_sweep(args.sweep), args.runs, args.seeds)
+    getattr(TpuLauncher(args, sweep), args.command)()
+    return 0
+
+
+def entry_point() -> None:
+    try:
+        sys.exit(main())
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except subprocess.CalledProcessError as error:
+        detail = (error.stderr or "").strip().splitlines()
+        print(f"error: {shlex.join(error.cmd)} failed with exit code {error.returncode}"
+              + (f": {detail[-1]}" if detail else ""), file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    entry_point()
