@@ -1,0 +1,205 @@
+"""The deep (stacked) RNN language model, after d2l's "Deep Recurrent Neural Networks".
+
+    H_t^(l) = cell_l(H_t^(l-1), H_{t-1}^(l)),   H_t^(0) = one-hot X_t,   O_t = H_t^(L) W_q + b_q
+
+Layer l reads layer l-1's outputs at the same time step (d2l's JAX version feeds the raw input
+to every layer; tests/test_models.py checks the wiring against a NumPy loop). Between two
+recurrent layers, in this order: residual (layer output + layer input, layers l >= 1 where both
+are H wide), layer norm `layer_norm_{l}` (after layer l), dropout; none after the last layer,
+as PyTorch's nn.LSTM(dropout=...). All three are off by default, as in the book.
+
+Implementations behind `build_model(config)`, one __call__ signature:
+    scratch  deeprnn.cells, written from the equations (the book's "from scratch")
+    flax     Flax's SimpleCell / GRUCell / OptimizedLSTMCell under nn.scan (the book's
+             "concise" version); Flax has no d2l-variant GRU
+    fused    deeprnn.fused.FusedDeepRNN, the layer wavefront; scratch parameter layout
+deeprnn.convert maps parameters between scratch and flax.
+"""
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deeprnn import cells
+from deeprnn.errors import UsageError
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+CHOICES = {
+    "cell": ("rnn", "gru", "lstm"),
+    "activation": tuple(cells.ACTIVATIONS),
+    "gru_variant": ("cudnn", "d2l"),
+    "impl": ("scratch", "flax", "fused"),
+    "compute_dtype": tuple(COMPUTE_DTYPES),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    num_hiddens: int = 256
+    num_layers: int = 2
+    cell: str = "lstm"  # "rnn" | "gru" | "lstm"
+    activation: str = "tanh"  # rnn only: "tanh" | "relu"
+    gru_variant: str = "cudnn"  # "cudnn" | "d2l"
+    dropout: float = 0.0
+    residual: bool = False
+    layer_norm: bool = False
+    impl: str = "scratch"  # "scratch" | "flax" | "fused"
+    compute_dtype: str = "float32"  # "float32" | "bfloat16"; params always float32
+
+    def __post_init__(self):
+        for field, allowed in CHOICES.items():
+            if getattr(self, field) not in allowed:
+                raise UsageError(f"--{field}={getattr(self, field)} is unknown: use one of "
+                                 f"{', '.join(allowed)}")
+        for field in ("vocab_size", "num_hiddens", "num_layers"):
+            if getattr(self, field) < 1:
+                raise UsageError(f"--{field}={getattr(self, field)} must be at least 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UsageError(f"--dropout={self.dropout} must lie in [0, 1)")
+        if self.impl == "flax" and self.cell == "gru" and self.gru_variant == "d2l":
+            raise UsageError("Flax's GRUCell is the cudnn variant: use --gru_variant=cudnn with "
+                             "--impl=flax, or --impl=scratch for the d2l variant")
+
+    @property
+    def dtype(self) -> Any:
+        return COMPUTE_DTYPES[self.compute_dtype]
+
+
+class OutputLayer(nn.Module):
+    """Dense layer H -> V, float32 logits whatever the compute dtype."""
+
+    vocab_size: int
+    compute_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, h):
+        kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                            (h.shape[-1], self.vocab_size))
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.vocab_size,))
+        return cells.matmul(h, kernel, self.compute_dtype) + bias
+
+
+class DeepRNN(nn.Module):
+    """The stack, the connections between layers and the output layer; subclasses give a layer.
+
+    __call__(tokens int32 [B, T], carry=None, *, train=False) -> (logits f32 [B, T, V], carry)
+    carry: tuple over layers, lstm (C, H), rnn/gru H, each float32 [B, H]; None means zeros.
+    """
+
+    config: ModelConfig
+
+    def recurrent_layer(self, layer: int, inputs, carry):
+        """(inputs: token ids [T, B] for layer 0, else [T, B, H]; carry) -> (carry, [T, B, H])."""
+        raise NotImplementedError
+
+    @nn.compact
+    def __call__(self, tokens, carry=None, *, train: bool = False):
+        cfg = self.config
+        if carry is None:
+            carry = init_carry(cfg, tokens.shape[0])
+        if len(carry) != cfg.num_layers:
+            raise UsageError(f"carry has {len(carry)} layers, the model {cfg.num_layers}: "
+                             "pass init_carry(config, batch_size)")
+        x = tokens.T  # time-major: nn.scan runs over the leading axis without transposes
+        new_carry = []
+        for layer in range(cfg.num_layers):
+            layer_carry, y = self.recurrent_layer(layer, x, carry[layer])
+            new_carry.append(layer_carry)
+            if cfg.residual and layer > 0:
+                y = y + x
+            if layer < cfg.num_layers - 1:
+                if cfg.layer_norm:
+                    y = nn.LayerNorm(dtype=jnp.float32, name=f"layer_norm_{layer}")(y)
+                y = nn.Dropout(cfg.dropout, deterministic=not train)(y)
+            x = y
+        # The output layer is small (V columns), so transposing its result is the cheap place.
+        logits = OutputLayer(cfg.vocab_size, cfg.dtype, name="output")(x)
+        return logits.transpose(1, 0, 2), tuple(new_carry)
+
+
+class ScratchDeepRNN(DeepRNN):
+    """Layers from deeprnn.cells, each input projection hoisted out of its time scan."""
+
+    def recurrent_layer(self, layer, inputs, carry):
+        cfg = self.config
+        cell = cells.make_cell(
+            cfg.cell, in_features=cfg.vocab_size if layer == 0 else cfg.num_hiddens,
+            hidden=cfg.num_hiddens, token_inputs=layer == 0, compute_dtype=cfg.dtype,
+            activation=cfg.activation, gru_variant=cfg.gru_variant, name=f"layer_{layer}")
+        return cell(carry, cell.project_inputs(inputs))
+
+
+def _flax_step(cell, carry, x_t):
+    """One step of a Flax cell; the carry is kept float32 (SimpleCell would make it bf16)."""
+    carry, y = cell(carry, x_t)
+    return jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), carry), y.astype(jnp.float32)
+
+
+class FlaxDeepRNN(DeepRNN):
+    """Layers from Flax's own cells, fed one-hot inputs as in the book's concise version.
+
+    Its parameters are Flax's (layer_{l}/{i,h} rnn, {ir,iz,in,hr,hz,hn} gru,
+    {ii,if,ig,io,hi,hf,hg,ho} lstm, each {kernel[, bias]}); deeprnn.convert maps them.
+    """
+
+    def recurrent_layer(self, layer, inputs, carry):
+        cfg = self.config
+        common = dict(features=cfg.num_hiddens, dtype=cfg.dtype, name=f"layer_{layer}")
+        if cfg.cell == "rnn":
+            cell = nn.SimpleCell(activation_fn=cells.ACTIVATIONS[cfg.activation], **common)
+        elif cfg.cell == "gru":
+            cell = nn.GRUCell(**common)
+        else:
+            cell = nn.OptimizedLSTMCell(**common)
+        if layer == 0:
+            inputs = jax.nn.one_hot(inputs, cfg.vocab_size, dtype=cfg.dtype)
+        scan = nn.scan(_flax_step, variable_broadcast="params", split_rngs={"params": False},
+                       in_axes=0, out_axes=0)
+        return scan(cell, carry, inputs)
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    """The model for config.impl; all share __call__(tokens, carry=None, *, train=False)."""
+    if config.impl == "scratch":
+        return ScratchDeepRNN(config)
+    if config.impl == "flax":
+        return FlaxDeepRNN(config)
+    try:
+        from deeprnn import fused  # imported here: models.py must work before fused.py exists
+    except ModuleNotFoundError as err:
+        if err.name != "deeprnn.fused":
+            raise
+        raise UsageError("--impl=fused needs deeprnn/fused.py, which this checkout lacks: "
+                         "use --impl=scratch") from err
+    return fused.FusedDeepRNN(config)
+
+
+def init_carry(config: ModelConfig, batch_size: int):
+    """Zero state: a tuple over layers of lstm (C, H) / rnn, gru H, float32 [batch_size, H]."""
+    return tuple(cells.zero_carry(config.cell, batch_size, config.num_hiddens)
+                 for _ in range(config.num_layers))
+
+
+def init_params(config: ModelConfig, rng: jax.Array) -> dict:
+    """{"params": ...} in config.impl's layout, from the one initialisation in deeprnn.cells.
+
+    The flax implementation gets the scratch initialisation converted (Flax's cells cannot set
+    the LSTM forget bias alone), so that the two implementations start from the same point.
+    """
+    scratch = ScratchDeepRNN(dataclasses.replace(config, impl="scratch"))
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    params = {"params": jax.jit(scratch.init)(rng, tokens)["params"]}
+    if config.impl == "flax":
+        from deeprnn.convert import scratch_to_flax
+
+        return scratch_to_flax(params, config)
+    return params
+
+
+def count_params(params) -> int:
+    """Number of scalars in a parameter tree."""
+    return sum(int(leaf.size) for leaf in jax.tree_util.tree_leaves(params))
