@@ -1,0 +1,58 @@
+"""What a run records about itself in summary.json: flags, sizes, devices, versions, commit."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import pathlib
+import subprocess
+
+import jax
+
+from deeprnn import models
+
+_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-datasets",
+             "tensorboardX", "numpy")
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
+
+
+def git_commit() -> str:
+    """The project's commit (with "+dirty" when the tree has changes), or "unknown"."""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                                text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True, timeout=5).stdout
+        return commit + ("+dirty" if dirty.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_metadata(config, model_config, params, splits, num_train_steps: int) -> dict:
+    return {
+        "flags": dataclasses.asdict(config),
+        "num_params": models.count_params(params),
+        "num_train_steps": num_train_steps,
+        "vocab_size": splits.vocab.size,
+        "corpus": {"documents": splits.documents, "unk_rate": splits.unk_rate,
+                   "train_tokens": int(splits.train.size),
+                   "validation_tokens": int(splits.validation.size),
+                   "test_tokens": int(splits.test.size)},
+        "devices": [f"{d.platform}:{d.id} {d.device_kind}" for d in jax.devices()],
+        "process_count": jax.process_count(),
+        "versions": library_versions(),
+        "git_commit": git_commit(),
+        "steps_done": 0,
+        "wall_time_s": 0.0,
+        "tokens_per_sec": 0.0,
+    }

@@ -1,0 +1,208 @@
+"""The training program end to end on tiny text written by the tests."""
+
+from __future__ import annotations
+
+import collections
+import functools
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from deeprnn import models, steps
+from deeprnn.errors import UsageError
+from deeprnn.flags import parse_args
+from deeprnn.trainer import train_and_evaluate
+from deeprnn.writers import read_metrics, read_summary
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+SENTENCES = ["the time traveller smiled", "we sat and watched the machine",
+             "the traveller spoke of time", "a small machine of brass and ivory",
+             "the fire burned in the room", "he held the lever in his hand"]
+
+
+def write_text(path: pathlib.Path, n: int = 400, seed: int = 0) -> pathlib.Path:
+    rng = np.random.default_rng(seed)
+    path.write_text(". ".join(SENTENCES[i] for i in rng.integers(0, len(SENTENCES), n)) + ".\n")
+    return path
+
+
+def tiny_argv(text: pathlib.Path, workdir: pathlib.Path, *extra: str) -> list[str]:
+    # Adam, not the book's SGD: it learns this text within the few steps a test can afford.
+    return [f"--corpus=file:{text}", "--preprocess=d2l", "--batch_size=16", "--num_steps=16",
+            "--num_hiddens=24", "--num_layers=2", "--cell=lstm", "--num_train_steps=40",
+            "--log_every=5", "--eval_every=20", "--checkpoint_every=20", "--eval_batch_size=2",
+            "--optimizer=adam", "--lr=0.01", "--sample_length=12", f"--workdir={workdir}",
+            *extra]
+
+
+def run(argv):
+    config, workdir = parse_args(argv)
+    return train_and_evaluate(config, workdir)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    return write_text(tmp_path_factory.mktemp("text") / "tiny.txt")
+
+
+@pytest.fixture(scope="module")
+def finished_run(text_file, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run")
+    summary = run(tiny_argv(text_file, workdir, "--num_train_steps=120", "--eval_every=40",
+                            "--checkpoint_every=40"))
+    return workdir, summary
+
+
+def unigram_perplexity(train: str, held_out: str) -> float:
+    counts = collections.Counter(train)
+    total = sum(counts.values())
+    logp = [math.log(counts.get(c, 0.5) / total) for c in held_out]
+    return math.exp(-sum(logp) / len(logp))
+
+
+def test_end_to_end_beats_unigram_and_writes_logs(finished_run, text_file):
+    workdir, summary = finished_run
+    text = " ".join(text_file.read_text().replace(".", " ").split())
+    n = len(text)
+    unigram = unigram_perplexity(text[: int(0.9 * n)], text[int(0.9 * n): int(0.95 * n)])
+    assert summary["final"]["validation/perplexity"] < 0.5 * unigram
+    assert summary["final"]["test/perplexity"] < 0.5 * unigram
+    saved = read_summary(str(workdir))
+    assert saved["finished"] and saved["steps_done"] == 120 and saved["num_params"] > 0
+    records = read_metrics(str(workdir))
+    assert [r["step"] for r in records if "train/loss" in r] == list(range(5, 121, 5))
+    tags = set().union(*records)
+    for tag in ("train/loss", "train/perplexity", "train/grad_norm", "train/tokens_per_sec",
+                "validation/perplexity", "validation/bits_per_char", "test/perplexity",
+                "test/bits_per_char"):
+        assert tag in tags, tag
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(workdir))
+    acc.Reload()
+    scalar_tags = set(acc.Tags()["scalars"])
+    assert {"train/perplexity", "validation/perplexity", "test/bits_per_char"} <= scalar_tags
+    assert any(t.startswith("samples/") for t in acc.Tags()["tensors"])
+    assert list((workdir / "checkpoints").iterdir())
+
+
+def test_perplexity_is_exp_of_token_weighted_mean_loss():
+    losses_a, losses_b = np.full(30, 1.0), np.full(10, 3.0)  # unequal token counts
+    total = steps.summarize(losses_a.sum() + losses_b.sum(), 40)
+    assert total["perplexity"] == pytest.approx(math.exp(1.5))
+    assert total["bits_per_char"] == pytest.approx(1.5 / math.log(2))
+    mean_of_ppl = (math.exp(1.0) + math.exp(3.0)) / 2  # what averaging per-batch ppl gives
+    assert abs(total["perplexity"] - mean_of_ppl) > 1
+
+
+def test_clipping_is_applied():
+    config = models.ModelConfig(vocab_size=11, num_hiddens=8, num_layers=2)
+    model = models.build_model(config)
+    params = models.init_params(config, jax.random.PRNGKey(0))
+    lr, clip = 0.5, 1e-3
+    tx = steps.make_optimizer("sgd", lr, clip)
+    state = steps.TrainState(step=jnp.asarray(0), params=params, opt_state=tx.init(params),
+                             rng=jax.random.PRNGKey(1))
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 11, (3, 5)), jnp.int32)
+    step = jax.jit(functools.partial(steps.train_step, apply_fn=model.apply, tx=tx))
+    new, _, metrics = step(state, x, x, models.init_carry(config, 3), True)
+    update = jax.tree.map(lambda a, b: a - b, new.params, params)
+    assert float(metrics["grad_norm"]) > 10 * clip
+    assert float(optax.tree.norm(update)) == pytest.approx(lr * clip, rel=1e-4)
+
+
+def test_resume_equals_uninterrupted(text_file, tmp_path):
+    straight, halves = tmp_path / "straight", tmp_path / "halves"
+    argv = ["--sampler=sequential", "--dropout=0.1"]
+    run(tiny_argv(text_file, straight, *argv))
+    run(tiny_argv(text_file, halves, *argv, "--num_train_steps=20"))
+    run(tiny_argv(text_file, halves, *argv))
+    a, b = read_metrics(str(straight)), read_metrics(str(halves))
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("train/loss", "train/grad_norm", "validation/perplexity"):
+            assert ra.get(key) == rb.get(key), (ra["step"], key)
+    # The first half ended its own (shorter) budget with a test score at step 20; the last
+    # record of both runs is the full run's.
+    assert a[-1]["test/perplexity"] == b[-1]["test/perplexity"]
+    from deeprnn.runs import load_trained_run
+
+    pa, pb = load_trained_run(str(straight)).params, load_trained_run(str(halves)).params
+    jax.tree.map(np.testing.assert_array_equal, pa, pb)
+
+
+def test_flags_after_flagfile_override_it(tmp_path):
+    config, _ = parse_args([f"--flagfile={REPO}/experiments/d2l_lstm.flags", "--lr=0.25",
+                            "--num_layers=3"])
+    assert (config.lr, config.num_layers, config.max_tokens) == (0.25, 3, 10000)
+    config, _ = parse_args(["--lr=0.25", f"--flagfile={REPO}/experiments/d2l_lstm.flags"])
+    assert config.lr == 2.0  # the flagfile, read later, wins
+
+
+@pytest.mark.parametrize("flagfile", sorted((REPO / "experiments").glob("*.flags")),
+                         ids=lambda p: p.stem)
+def test_every_flagfile_runs_two_steps(flagfile, text_file, tmp_path):
+    summary = run([f"--flagfile={flagfile}", f"--corpus=file:{text_file}", "--num_hiddens=8",
+                   "--num_train_steps=2", "--batch_size=4", "--num_steps=8",
+                   "--eval_batch_size=2", "--sample_length=5", f"--workdir={tmp_path}"])
+    assert summary["steps_done"] == 2 and math.isfinite(summary["last"]["train/loss"])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--num_layers=0"], "--num_layers must be at least 1"),
+    (["--lr=-1"], "--lr must be a positive number"),
+    (["--batch_size=4000"], "batch_size"),
+    (["--split=0.5,0.2,0.2"], "add up to 1"),
+    (["--flagfile=/nonexistent.flags"], "Unable to open flagfile"),
+    (["--no_such_flag=1"], "Unknown command line flag"),
+])
+def test_bad_flags_are_refused(extra, message, text_file, tmp_path):
+    with pytest.raises(UsageError, match=message):
+        run(tiny_argv(text_file, tmp_path, *extra))
+    assert not (tmp_path / "checkpoints").exists() or not any(
+        (tmp_path / "checkpoints").iterdir())
+
+
+def test_resume_with_other_model_flags_is_refused(finished_run, text_file):
+    workdir, _ = finished_run
+    before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+    with pytest.raises(UsageError, match=r"--num_hiddens \(checkpoint 24, now 32\)"):
+        run(tiny_argv(text_file, workdir, "--num_train_steps=160", "--num_hiddens=32"))
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(text_file, tmp_path):
+    with pytest.raises(UsageError, match=r"non-finite .* at step \d+; last good checkpoint"):
+        run(tiny_argv(text_file, tmp_path, "--optimizer=sgd", "--lr=1e38", "--clip_norm=1e38",
+                      "--num_train_steps=60"))
+
+
+def test_generate_command_matches_in_process_reference(finished_run):
+    workdir, _ = finished_run
+    from deeprnn.generate import generate_text
+
+    expected = generate_text(str(workdir), "the time", 20)
+    out = subprocess.run([sys.executable, "-m", "deeprnn.generate", f"--workdir={workdir}",
+                          "--prefix=the time", "--length=20"], capture_output=True, text=True,
+                         check=True, cwd=REPO)
+    assert out.stdout.strip() == expected
+    assert expected.startswith("the time") and len(expected) == len("the time") + 20
+
+
+def test_evaluate_command_scores_other_text(finished_run, tmp_path):
+    workdir, summary = finished_run
+    other = tmp_path / "other.txt"
+    other.write_text("the machine of time and the traveller zzz qqq " * 20)
+    out = subprocess.run([sys.executable, "-m", "deeprnn.evaluate", f"--workdir={workdir}",
+                          f"--corpus=file:{other}", "--split=all"], capture_output=True,
+                         text=True, check=True, cwd=REPO)
+    result = json.loads(out.stdout)
+    assert result["unk_rate"] > 0 and math.isfinite(result["perplexity"])
