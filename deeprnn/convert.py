@@ -36,9 +36,10 @@ def _unwrap(params):
     return (params["params"], True) if "params" in params else (params, False)
 
 
-def _other_layers(tree) -> dict:
-    """Everything that is not a recurrent layer: output, layer norms (same in both layouts)."""
-    return {name: value for name, value in tree.items() if not name.startswith("layer_")}
+def _other_layers(tree, config) -> dict:
+    """Everything but the recurrent layers: output, layer norms (the same in both layouts)."""
+    recurrent = {f"layer_{layer}" for layer in range(config.num_layers)}
+    return {name: value for name, value in tree.items() if name not in recurrent}
 
 
 def scratch_to_flax(params, config) -> dict:
@@ -46,7 +47,7 @@ def scratch_to_flax(params, config) -> dict:
     _check(config)
     tree, wrapped = _unwrap(params)
     gates, bias_side = _FLAX_GATES[config.cell], _BIAS_SIDE[config.cell]
-    out = _other_layers(tree)
+    out = _other_layers(tree, config)
     for layer in range(config.num_layers):
         scratch = tree[f"layer_{layer}"]
         w_x = jnp.split(jnp.asarray(scratch["W_x"]), len(gates), axis=-1)
@@ -68,7 +69,7 @@ def flax_to_scratch(params, config) -> dict:
     _check(config)
     tree, wrapped = _unwrap(params)
     gates, bias_side = _FLAX_GATES[config.cell], _BIAS_SIDE[config.cell]
-    out = _other_layers(tree)
+    out = _other_layers(tree, config)
     for layer in range(config.num_layers):
         flax_layer = tree[f"layer_{layer}"]
 
