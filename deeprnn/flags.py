@@ -96,9 +96,11 @@ _HELP = {
     "max_tokens": "Keep only the first N characters of the corpus (d2l 0.17 uses 10000); 0: all.",
     "sampler": "random (random windows, state reset every batch) or sequential (streams whose "
                "state carries over, d2l's default).",
-    "batch_size": "Global batch: parallel sequences per step, across all devices.",
+    "batch_size": "Global batch: parallel sequences per step, split evenly across all devices "
+                  "of all hosts, so it must divide by the device count.",
     "num_steps": "Time steps per batch (d2l's num_steps).",
-    "eval_batch_size": "Parallel streams for evaluation over a whole held-out split.",
+    "eval_batch_size": "Parallel streams for evaluation over a whole held-out split (global, "
+                       "like --batch_size: it must divide by the device count).",
     "cell": "Recurrent cell: rnn, gru or lstm.",
     "activation": "Activation of the vanilla rnn cell: tanh or relu.",
     "gru_variant": "cudnn (reset gate after the hidden matmul, as Flax/PyTorch/cuDNN) or d2l "

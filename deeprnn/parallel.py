@@ -40,14 +40,16 @@ def _process_ordered(devices: Sequence[jax.Device]) -> list[jax.Device]:
 
 
 def _unaliased(tree):
-    """The tree with every jax.Array leaf its own object, so that placing it gives every leaf its
-    own buffer: the train step donates state and carry, and XLA refuses one buffer donated
-    twice (init_carry's LSTM (c, h) are one zeros array)."""
+    """The tree with every leaf its own object, so that placing it gives every leaf its own
+    buffer: the train step donates state and carry, and XLA refuses one buffer donated twice
+    (init_carry's LSTM (c, h) are one zeros array)."""
     seen: set[int] = set()
 
     def own(leaf):
-        if isinstance(leaf, jax.Array) and id(leaf) in seen:
-            return jax.device_put(leaf, leaf.sharding, may_alias=False)
+        if id(leaf) in seen:
+            if isinstance(leaf, jax.Array):
+                return jax.device_put(leaf, leaf.sharding, may_alias=False)
+            return np.array(leaf, copy=True)
         seen.add(id(leaf))
         return leaf
     return jax.tree.map(own, tree)
@@ -85,7 +87,10 @@ class DataParallel:
 
     # -- rows ------------------------------------------------------------------------------
     def rows(self, batch_size: int, flag: str = "batch_size") -> tuple[int, int]:
-        """This process's rows [start, stop) of a global batch of `batch_size` rows."""
+        """This process's rows [start, stop) of a global batch of `batch_size` rows.
+
+        UsageError (naming --`flag`) unless the batch divides by the global device count.
+        """
         if batch_size % self.num_devices:
             raise UsageError(
                 f"--{flag}={batch_size} must divide by the {self.num_devices} devices (it is "
@@ -106,7 +111,9 @@ class DataParallel:
         typed_key = (isinstance(leaf, jax.Array)
                      and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key))
         if self.num_processes == 1:  # device to device, no trip through the host
-            return jax.device_put(leaf, sharding)
+            # A copy, never an alias: the steps donate what this returns, and the caller's
+            # logical arrays must outlive that.
+            return jax.device_put(leaf, sharding, may_alias=False)
         host = _to_host(leaf)
         if typed_key:
             global_shape = global_shape + host.shape[len(global_shape):]
@@ -117,7 +124,9 @@ class DataParallel:
         """[n_local, *shape]: a copy per local device, for pmap's leading device axis."""
         host = _to_host(leaf)
         stacked = np.broadcast_to(host, (len(self.local_devices), *host.shape))
-        return jax.device_put(stacked, NamedSharding(self._local_mesh, P(AXIS)))
+        # may_alias=False: a CPU device may otherwise share the host memory, which two leaves
+        # could hold in common (see _unaliased).
+        return jax.device_put(stacked, NamedSharding(self._local_mesh, P(AXIS)), may_alias=False)
 
     def _split_local(self, leaf):
         """[local_rows, ...] -> [n_local, local_rows / n_local, ...] on this process's devices."""
@@ -127,7 +136,7 @@ class DataParallel:
                              "batch size that divides by the device count")
         host = _to_host(leaf)
         return jax.device_put(host.reshape(n, -1, *host.shape[1:]),
-                              NamedSharding(self._local_mesh, P(AXIS)))
+                              NamedSharding(self._local_mesh, P(AXIS)), may_alias=False)
 
     def replicate(self, tree):
         """Puts a logical pytree (state, params) on every device."""
@@ -168,7 +177,8 @@ class DataParallel:
         if self.mode == "shard_map" and self.num_processes == 1:
             for leaf in jax.tree.leaves(carry):
                 self.rows(leaf.shape[0])  # a clear error when the rows do not split
-            carry = jax.tree.map(lambda x: jax.device_put(x, self._by_row), _unaliased(carry))
+            carry = jax.tree.map(lambda x: jax.device_put(x, self._by_row, may_alias=False),
+                                 _unaliased(carry))
         else:
             carry = self.shard_rows(jax.tree.map(self._local_rows_of, carry))
         return self.replicate(state), carry
@@ -186,7 +196,6 @@ class DataParallel:
             return self._put(np.asarray(leaf.addressable_shards[0].data)[0], self._replicated,
                              leaf.shape[1:])
 
-
         def all_rows(leaf):  # [n_local, r, ...] -> this process's rows -> the global carry
             shards = sorted((s.index[0].start or 0, np.asarray(s.data))
                             for s in leaf.addressable_shards)
@@ -194,6 +203,18 @@ class DataParallel:
             return self._put(local, self._by_row, (self._global_rows(local.shape[0]),
                                                    *local.shape[1:]))
         return jax.tree.map(one_copy, state), jax.tree.map(all_rows, carry)
+
+    def on_one_device(self, tree):
+        """This process's own copy of a replicated logical tree (params), on its first device.
+
+        For work one device does alone, such as generating a sample: a global array would run
+        it on every device of every process, and on process 0 alone it would wait for them.
+        """
+        def local(leaf):
+            if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+                return leaf.addressable_shards[0].data
+            return jax.device_put(leaf, self.local_devices[0])
+        return jax.tree.map(local, tree)
 
     # -- compiled steps --------------------------------------------------------------------
     def _global_batch(self, array: np.ndarray, row_axis: int):
