@@ -168,7 +168,9 @@ class TpuLauncher:
         workdir, a = self.workdir(run), self.args
         train = sweeps.train_args(self.sweep, run, workdir, data_dir=a.data_dir,
                                   extra_flags=a.extra_flags)
-        script = [f"{REMOTE_PYTHON} -m deeprnn.train {shlex.join(train)}"]
+        # Every worker of a pod slice runs the same command and --multihost joins them into one
+        # JAX system (its arguments come from the TPU environment; harmless on one host).
+        script = [f"{REMOTE_PYTHON} -m deeprnn.train {shlex.join(train)} --multihost"]
         for corpus in run.eval_corpora:
             evaluate = sweeps.evaluate_args(workdir, corpus, data_dir=a.data_dir)
             result = f"{workdir}/{sweeps.eval_result_name(corpus)}"
