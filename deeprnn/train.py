@@ -2,6 +2,10 @@
 
 Flags in, one `train_and_evaluate(config, workdir)` call; the loop lives in `deeprnn.trainer`
 so that tests and sweeps can call it in-process.
+
+Exit status (see deeprnn.lifecycle): 0 finished; 1 a write failed (disk full, ...), resume
+later; 2 bad input, one `error:` line and nothing written over; 75 stopped by SIGTERM/SIGINT
+after checkpointing the last finished step: run the same command again to resume.
 """
 
 from __future__ import annotations
@@ -11,10 +15,22 @@ import sys
 from absl import app, flags
 
 from deeprnn import flags as run_flags
+from deeprnn import lifecycle
 from deeprnn.errors import UsageError
 
 run_flags.define_flags()
 FLAGS = flags.FLAGS
+
+
+def parse_flags_or_exit(argv: list[str]) -> list[str]:
+    """absl's parser with one `error:` line and status 2 for unknown or bad flags and a missing
+    flagfile (absl's own message is a FATAL line plus a hint, and status 1)."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as err:
+        message = str(err).removeprefix("ERROR:: ")  # absl prefixes flagfile errors
+        print(f"error: {message}; see python -m deeprnn.train --helpfull", file=sys.stderr)
+        sys.exit(lifecycle.EXIT_USAGE)
 
 
 def main(argv):
@@ -29,8 +45,17 @@ def main(argv):
         train_and_evaluate(config, FLAGS.workdir)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(lifecycle.EXIT_USAGE)
+    except lifecycle.Preempted as stopped:
+        print(str(stopped), file=sys.stderr)
+        sys.exit(lifecycle.EXIT_PREEMPTED)
+    except lifecycle.RunFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(lifecycle.EXIT_FAILED)
+    except OSError as err:  # a log or summary write that failed (disk full, read-only, ...)
+        print(f"error: {lifecycle.describe_os_error(err)}", file=sys.stderr)
+        sys.exit(lifecycle.EXIT_FAILED)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags_or_exit)

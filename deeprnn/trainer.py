@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -19,6 +20,7 @@ from deeprnn.evaluate import evaluate_ids
 from deeprnn.flags import RunConfig, model_flag_differences, profile_steps
 from deeprnn.generation import generate
 from deeprnn.jax_setup import enable_compilation_cache
+from deeprnn.lifecycle import Preempted, RunFailed, StopSignals, WorkdirLock, fault_point
 from deeprnn.parallel import DataParallel, start_multihost
 from deeprnn.run_info import run_metadata
 from deeprnn.writers import ProgressLine, RunWriter, write_summary
@@ -58,7 +60,7 @@ def initial_training_state(config: RunConfig, model_config: models.ModelConfig,
 
 
 class NonFiniteError(UsageError):
-    """A NaN or inf loss/gradient under --nan_policy=stop."""
+    """A NaN or inf loss/gradient/parameter under --nan_policy=stop."""
 
 
 @dataclasses.dataclass
@@ -74,22 +76,82 @@ class _Progress:
 
 
 def train_and_evaluate(config: RunConfig, workdir: str) -> dict:
-    """Trains, evaluates and checkpoints one run in `workdir`; returns the run's summary."""
+    """Trains, evaluates and checkpoints one run in `workdir`; returns the run's summary.
+
+    Raises UsageError (bad input; NonFiniteError), lifecycle.Preempted (SIGTERM/SIGINT: the
+    last finished step was checkpointed), RunFailed or OSError (a write failed). The workdir
+    is locked for the whole run (process 0's lock on multi-host runs).
+    """
     enable_compilation_cache()
     start_multihost(config.multihost, config.coordinator_address, config.num_processes,
                     config.process_id)
+    multihost = jax.process_count() > 1
+    with _workdir_lock(workdir, multihost), StopSignals(multihost) as stop:
+        return _train(config, workdir, stop)
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: str, multihost: bool):
+    lock, error = WorkdirLock(workdir), None
+    if jax.process_index() == 0:
+        try:
+            lock.acquire()
+        except UsageError as err:
+            error = err
+    if multihost:  # every process learns process 0's outcome, so none waits in a collective
+        from jax.experimental import multihost_utils
+
+        if not int(multihost_utils.broadcast_one_to_all(np.int32(error is None))):
+            error = error or UsageError("process 0 could not lock --workdir; see its log")
+    if error is not None:
+        raise error
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _check_resumable(config, workdir, store, resume_step):
+    """The vocabulary of the newest complete checkpoint, after checking its saved flags."""
+    if resume_step is None:
+        return None
+    saved_meta = store.read_meta(resume_step)
+    differ = model_flag_differences(saved_meta["flags"], config)
+    if differ:
+        raise UsageError(f"{workdir} holds a checkpoint made with other flags: "
+                         f"{'; '.join(differ)}; use another --workdir or the same flags")
+    return vocab.Vocab.from_json(saved_meta["vocab"])
+
+
+def _check_held_out(config, splits):
+    # Evaluation would find this only at the first eval step, after training and saving.
+    for name in ("validation", "test"):
+        size = getattr(splits, name).size
+        if 0 < size < 2 * config.eval_batch_size:
+            raise UsageError(f"the {name} split has {size} tokens, too few for "
+                             f"--eval_batch_size={config.eval_batch_size} (needs "
+                             f"{2 * config.eval_batch_size}); lower --eval_batch_size or give "
+                             "the split a larger fraction with --split")
+
+
+def _train(config: RunConfig, workdir: str, stop: StopSignals) -> dict:
     is_main = jax.process_index() == 0
     start_time = time.time()
     store = RunCheckpoints(f"{workdir}/checkpoints", max_to_keep=config.max_to_keep)
+    try:
+        return _train_with_store(config, workdir, stop, store, is_main, start_time)
+    finally:
+        try:  # saves under way hold good steps (each is saved only after its checks)
+            store.close()
+        except RunFailed as err:
+            logging.error("%s", err)
+
+
+def _train_with_store(config, workdir, stop, store, is_main, start_time):
     resume_step = store.latest_complete_step()
-    saved_meta = store.read_meta(resume_step) if resume_step is not None else None
-    if saved_meta is not None:
-        differ = model_flag_differences(saved_meta["flags"], config)
-        if differ:
-            raise UsageError(f"{workdir} holds a checkpoint made with other flags: "
-                             f"{'; '.join(differ)}; use another --workdir or the same flags")
-    saved_vocab = vocab.Vocab.from_json(saved_meta["vocab"]) if saved_meta else None
+    saved_vocab = _check_resumable(config, workdir, store, resume_step)
     splits = load_splits(config, saved_vocab)
+    _check_held_out(config, splits)
     devices = DataParallel(config.parallel)
     sampler = batches.make_sampler(config.sampler, splits.train, config.batch_size,
                                    config.num_steps, config.seed,
@@ -110,7 +172,7 @@ def train_and_evaluate(config: RunConfig, workdir: str) -> dict:
         progress = _Progress(**meta["progress"])
         logging.info("resumed from step %d in %s", resume_step, workdir)
     start_step = int(state.step)
-    state, carry = devices.replicate(state), devices.shard_rows(carry)
+    state, carry = devices.from_logical(state, carry)  # global batch -> this process
 
     def logical_params():
         return devices.logical(state, carry)[0].params
@@ -136,6 +198,8 @@ def train_and_evaluate(config: RunConfig, workdir: str) -> dict:
     prefix_ids = splits.vocab.encode(vocab.preprocess(config.sample_prefix, config.preprocess))
 
     def checkpoint(step, wait=False):
+        if not _all_finite(state.params):
+            raise _non_finite_error(step, ["parameters"], store)
         writer.flush()  # logs up to this step are durable before the checkpoint that covers them
         meta = {"flags": dataclasses.asdict(config), "vocab": splits.vocab.to_json(),
                 "progress": dataclasses.asdict(progress), "num_train_steps": num_train_steps}
@@ -160,52 +224,71 @@ def train_and_evaluate(config: RunConfig, workdir: str) -> dict:
         resets = np.asarray([sampler.resets_state(step)])
         state, carry, metrics = run_steps(state, xs[None], ys[None], carry, resets)
         step += 1
+        fault_point("after_step", step)
+        store.record_finished_saves()
         if profile and step == profile[1] + 1:
             jax.block_until_ready(state)
             jax.profiler.stop_trace()
         interval_tokens += tokens_per_step
         pending.append(metrics)  # device arrays: no host sync until the next log
-        if not (step % config.log_every == 0 or step % eval_every == 0
-                or step == num_train_steps):
+        stopping = stop.should_stop(step, store)  # every step, on every process
+        log_now = step % config.log_every == 0 or step == num_train_steps
+        eval_now = step % eval_every == 0 or step == num_train_steps
+        sample_now = step % sample_every == 0 or step == num_train_steps
+        save_now = step % checkpoint_every == 0 or step == num_train_steps or stopping
+        if not (log_now or eval_now or sample_now or save_now):
             continue
         fetched, pending = jax.device_get(pending), []
         first = step - len(fetched)
         for offset, m in enumerate(fetched):
-            _check_finite(config, first + offset + 1, m, store, progress)
-            progress.loss_sum += float(np.sum(m["loss_sum"]))
-            progress.tokens += float(np.sum(m["tokens"]))
-        elapsed = time.time() - interval_start
-        train_time += elapsed
-        record = {"train/grad_norm": float(np.asarray(fetched[-1]["grad_norm"])[-1]),
-                  "train/learning_rate": float(lr_fn(step - 1)),
-                  "train/tokens_per_sec": interval_tokens / max(elapsed, 1e-9)}
-        if step % config.log_every == 0 or step == num_train_steps:
-            summary = steps.summarize(progress.loss_sum, progress.tokens)
-            record.update({f"train/{k}": v for k, v in summary.items()})
-            progress.last_train = summary
-            progress.loss_sum = progress.tokens = 0.0
-        if (step % eval_every == 0 or step == num_train_steps) and splits.validation.size:
-            val = evaluate(logical_params(), splits.validation)
-            record.update({f"validation/{k}": v for k, v in val.items()})
-            progress.last_validation = val
-            if val["perplexity"] < progress.best_validation:
-                progress.best_validation, progress.best_step = val["perplexity"], step
-                _save_best(workdir, logical_params(), step)
-        writer.scalars(step, record)
-        if step % sample_every == 0 or step == num_train_steps:
+            _accumulate(config, first + offset + 1, m, store, progress)
+        if config.nan_policy == "skip":
+            skipped = _skipped_updates(state.opt_state)
+            if skipped > progress.skipped_updates:
+                logging.warning("%d update(s) with a non-finite gradient skipped by step %d",
+                                skipped, step)
+            progress.skipped_updates = skipped
+        if log_now or eval_now:
+            elapsed = time.time() - interval_start
+            train_time += elapsed
+            record = {"train/grad_norm": float(np.asarray(fetched[-1]["grad_norm"])[-1]),
+                      "train/learning_rate": float(lr_fn(step - 1)),
+                      "train/tokens_per_sec": interval_tokens / max(elapsed, 1e-9)}
+            if log_now:
+                summary = steps.summarize(progress.loss_sum, progress.tokens)
+                if not progress.tokens:  # every step since the last log was non-finite
+                    summary = dict.fromkeys(summary, math.nan)
+                record.update({f"train/{k}": v for k, v in summary.items()})
+                if config.nan_policy == "skip":
+                    record["train/skipped_updates"] = progress.skipped_updates
+                progress.last_train = summary
+                progress.loss_sum = progress.tokens = 0.0
+            if eval_now and splits.validation.size:
+                val = evaluate(logical_params(), splits.validation)
+                record.update({f"validation/{k}": v for k, v in val.items()})
+                progress.last_validation = val
+                if val["perplexity"] < progress.best_validation:
+                    progress.best_validation, progress.best_step = val["perplexity"], step
+                    _save_best(workdir, logical_params(), step)
+            writer.scalars(step, record)
+            if line:
+                line.update(step, record)
+            interval_start, interval_tokens = time.time(), 0
+        if sample_now:
             sample(step)
-        if step % checkpoint_every == 0 or step == num_train_steps:
-            checkpoint(step, wait=step == num_train_steps)
-        if line:
-            line.update(step, record)
-        interval_start, interval_tokens = time.time(), 0
+        if save_now:
+            checkpoint(step, wait=step == num_train_steps or stopping)
         meta_info.update(steps_done=step, wall_time_s=time.time() - start_time,
                          tokens_per_sec=(step - start_step) * tokens_per_step / max(train_time,
                                                                                     1e-9))
-        if is_main and step % eval_every == 0:
+        if is_main and (step % eval_every == 0 or stopping):
             write_summary(workdir, _summary(meta_info, progress))
+        if stopping:
+            raise Preempted(step, stop.received or "a signal")
     if line:
         line.done()
+    if stop.received and not stop.multihost:  # the last step is saved; evaluate on resume
+        raise Preempted(step, stop.received)
 
     final = _final_evaluation(workdir, evaluate, logical_params(), splits, writer, step)
     meta_info.update(steps_done=step, wall_time_s=time.time() - start_time)
@@ -214,25 +297,40 @@ def train_and_evaluate(config: RunConfig, workdir: str) -> dict:
         write_summary(workdir, summary)
         _print_book_lines(config, model_config, logical_params(), splits, progress, meta_info)
     writer.close()
-    store.close()
     return summary
 
 
-def _check_finite(config, step, metrics, store, progress):
-    values = {"loss": float(np.sum(metrics["loss_sum"])),
-              "grad_norm": float(np.max(metrics["grad_norm"]))}
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _skipped_updates(opt_state) -> int:
+    """optax.apply_if_finite's own count of the updates it dropped (its total_notfinite)."""
+    return int(np.asarray(jax.device_get(opt_state.total_notfinite)).ravel()[0])
+
+
+def _accumulate(config, step, metrics, store, progress):
+    """Adds one step's metrics to the running sums, after checking they are finite."""
+    loss = float(np.sum(metrics["loss_sum"]))
+    values = {"loss": loss, "grad_norm": float(np.max(metrics["grad_norm"]))}
     bad = [k for k, v in values.items() if not math.isfinite(v)]
-    if not bad:
-        return
-    if config.nan_policy == "skip":
-        progress.skipped_updates += 1
-        logging.warning("step %d: non-finite %s, update skipped", step, ", ".join(bad))
-        return
+    if bad and config.nan_policy != "skip":
+        raise _non_finite_error(step, bad, store)
+    if bad:  # apply_if_finite skips the update when a gradient is non-finite
+        logging.warning("step %d: non-finite %s", step, ", ".join(bad))
+    if math.isfinite(loss):  # a skipped step's NaN loss would poison the interval's mean
+        progress.loss_sum += loss
+        progress.tokens += float(np.sum(metrics["tokens"]))
+
+
+def _non_finite_error(step, bad, store):
+    store.wait()  # saves under way hold good steps: complete them before naming the last one
     last = store.latest_complete_step()
-    raise NonFiniteError(
+    return NonFiniteError(
         f"non-finite {', '.join(bad)} at step {step}; last good checkpoint: "
-        f"{'step ' + str(last) if last is not None else 'none'}; lower --lr or pass "
-        "--nan_policy=skip")
+        f"{'step ' + str(last) if last is not None else 'none'} (kept; nothing newer was "
+        "saved); lower --lr, or pass --nan_policy=skip to skip such updates")
 
 
 def _save_best(workdir, params, step):

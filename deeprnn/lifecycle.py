@@ -1,0 +1,220 @@
+"""How a run starts and stops: the workdir lock, stop signals and preemption, exit statuses.
+
+Exit statuses of `python -m deeprnn.train`:
+
+    0   finished.
+    1   failed for a reason outside the flags (RunFailed, OSError): a checkpoint or log could
+        not be written (disk full, file-size limit, I/O error). The newest complete checkpoint
+        is intact; fix the cause and run the same command again to resume.
+    2   bad input (UsageError): flags, corpus, workdir, checkpoint, a non-finite loss. Nothing
+        in the workdir was written over.
+    75  stopped early by SIGTERM or SIGINT (a preemption notice, Ctrl-C) after finishing the
+        current step and saving a checkpoint of it: run the same command again to resume.
+        75 is EX_TEMPFAIL of sysexits.h, "a temporary failure: try again later", so a
+        launcher can tell "resume me" from a failure and from a kill by a signal (128 + n).
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import fcntl
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+
+from deeprnn.errors import UsageError
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_PREEMPTED = 75
+
+LOCK_FILE = "deeprnn.lock"
+CRASH_ENV = "DEEPRNN_TEST_CRASH_AT"
+
+
+class Preempted(Exception):
+    """The run stopped on a signal after saving a checkpoint of its last finished step."""
+
+    exit_code = EXIT_PREEMPTED
+
+    def __init__(self, step: int, signal_name: str):
+        self.step = step
+        super().__init__(f"stopped by {signal_name} after step {step} (checkpoint of step "
+                         f"{step} saved); run the same command again to resume")
+
+
+class RunFailed(Exception):
+    """An expected failure outside the user's input (a write that failed): one line."""
+
+    exit_code = EXIT_FAILED
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line for an OSError met while writing the workdir (disk full, read-only, ...)."""
+    where = f" {err.filename}" if err.filename else ""
+    return (f"cannot write{where}: {err.strerror or err}; free disk space or fix the folder's "
+            "permissions, then run the same command again to resume")
+
+
+# ----------------------------------------------------------------------------- stop signals
+
+
+class StopSignals:
+    """SIGTERM and SIGINT become a stop request that the loop reads after each step.
+
+    One process: Python handlers set the request. Several processes (multi-host): JAX's
+    preemption service already owns SIGTERM (its notifier tells every process, and
+    `CheckpointManager.reached_preemption(step)` turns true on all of them at the same step),
+    so only SIGINT gets a handler, which forwards it as SIGTERM to that service. After the
+    first signal the previous handlers come back, so a second Ctrl-C stops at once.
+    Handlers can only be set in the main thread; elsewhere (a run in a worker thread) the
+    run simply does not react to signals.
+    """
+
+    def __init__(self, multihost: bool = False):
+        self.multihost = multihost
+        self.received: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            wanted = [signal.SIGINT] if self.multihost else [signal.SIGTERM, signal.SIGINT]
+            for signum in wanted:
+                self._previous[signum] = signal.signal(signum, self._on_signal)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _on_signal(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+        self._restore()
+        if self.multihost:
+            os.kill(os.getpid(), signal.SIGTERM)  # to JAX's preemption notifier
+
+    def should_stop(self, step: int, store) -> bool:
+        """Called once per step, by every process: multi-host needs the agreed answer."""
+        if self.multihost:
+            if store.reached_preemption(step):
+                self.received = self.received or "a preemption notice (SIGTERM)"
+                return True
+            return False
+        return self.received is not None
+
+
+# ----------------------------------------------------------------------------- workdir lock
+
+
+class WorkdirLock:
+    """One run per workdir: an exclusive flock on `<workdir>/deeprnn.lock` for the whole run.
+
+    The kernel drops a flock when its process dies, so a lock left by a killed run never
+    blocks. The file names its holder (pid, host, start time) for the refusal message. On a
+    filesystem without flock the holder's pid is checked instead (same host only). Remote
+    workdirs (gs://) have no lock that a killed run releases: they get none, with a warning.
+    """
+
+    def __init__(self, workdir: str):
+        self.workdir = os.fspath(workdir)
+        self.path = os.path.join(self.workdir, LOCK_FILE)
+        self._fd: int | None = None
+
+    def acquire(self) -> WorkdirLock:
+        if "://" in self.workdir:
+            logging.warning("%s is remote: no workdir lock is taken; make sure only one run "
+                            "uses it at a time", self.workdir)
+            return self
+        try:
+            os.makedirs(self.workdir, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise UsageError(f"cannot write to --workdir={self.workdir} ({err.strerror or err});"
+                             " choose a folder you can write") from err
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            holder = _read_holder(fd)
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN) or _holder_alive(holder):
+                os.close(fd)
+                raise UsageError(
+                    f"--workdir={self.workdir} is in use by another run ({_describe(holder)}); "
+                    "wait for it to end or stop it, or choose another --workdir") from None
+            logging.warning("no flock on %s (%s); its holder is gone, taking it over",
+                            self.path, err.strerror)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({
+            "pid": os.getpid(), "host": socket.gethostname(),
+            "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        }).encode() + b"\n", 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the last descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> WorkdirLock:
+        return self.acquire()
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+
+def _read_holder(fd: int) -> dict:
+    try:
+        return json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def _holder_alive(holder: dict) -> bool:
+    if holder.get("host") != socket.gethostname() or not holder.get("pid"):
+        return False
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return int(holder["pid"]) != os.getpid()
+
+
+def _describe(holder: dict) -> str:
+    if not holder:
+        return "holder unknown"
+    return (f"pid {holder.get('pid')} on {holder.get('host')}, started "
+            f"{holder.get('started')}")
+
+
+# ----------------------------------------------------------------------------- test faults
+
+
+def fault_point(point: str, step: int) -> None:
+    """Test-only faults, read here and nowhere else: $DEEPRNN_TEST_CRASH_AT holds
+    comma-separated ACTION:POINT:STEP items, e.g. `kill:before_record:20`.
+
+    ACTION `kill` sends SIGKILL to this process (no cleanup at all, like a power cut);
+    `sigterm` / `sigint` send that signal (the real handlers run). POINTs: `after_step` (the
+    step's update was issued), `in_save` (Orbax is writing that step's checkpoint),
+    `before_record` (Orbax has finished it, the completion record is not written yet).
+    """
+    spec = os.environ.get(CRASH_ENV)
+    if not spec:
+        return
+    for item in spec.split(","):
+        action, _, rest = item.strip().partition(":")
+        if rest != f"{point}:{step}":
+            continue
+        signum = {"kill": signal.SIGKILL, "sigterm": signal.SIGTERM,
+                  "sigint": signal.SIGINT}[action]
+        os.kill(os.getpid(), signum)
