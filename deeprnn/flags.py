@@ -120,8 +120,8 @@ _HELP = {
     "num_epochs": "Passes over the training text; ignored when --num_train_steps is set.",
     "num_train_steps": "Total training steps; overrides --num_epochs when > 0.",
     "seed": "Seed of the initial parameters, dropout and data order.",
-    "nan_policy": "stop: a non-finite loss or gradient stops the run; skip: skip that update "
-                  "and count it.",
+    "nan_policy": "stop: a non-finite loss or gradient stops the run, naming the last good "
+                  "checkpoint; skip: skip that update and count it (train/skipped_updates).",
     "log_every": "Write training metrics every N steps.",
     "eval_every": "Evaluate on the validation split every N steps; 0: once per epoch.",
     "sample_every": "Generate a sample from --sample_prefix every N steps; 0: at eval time.",
@@ -146,7 +146,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """Defines one absl flag per RunConfig field, plus --workdir."""
     fv = {"flag_values": flag_values}
     flags.DEFINE_string("workdir", None, "Run folder: checkpoints, TensorBoard events, "
-                        "metrics.jsonl, summary.json. Running again on it resumes.", **fv)
+                        "metrics.jsonl, summary.json; locked while a run uses it. Running the "
+                        "same command again resumes (exit status 75 = preempted, rerun).", **fv)
     define = {"bool": flags.DEFINE_boolean, "int": flags.DEFINE_integer,
               "float": flags.DEFINE_float}
     for field in dataclasses.fields(RunConfig):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 
 from deeprnn import flags as run_flags
 from deeprnn import lifecycle
@@ -36,6 +37,9 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --flag")
+    if FLAGS["verbosity"].using_default_value:
+        # Orbax logs every save step at INFO; the progress line says what a user needs.
+        absl_logging.set_verbosity(absl_logging.WARNING)
     try:
         if not FLAGS.workdir:
             raise UsageError("--workdir is required: the folder for checkpoints and logs")

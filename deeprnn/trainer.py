@@ -156,7 +156,7 @@ def _train_with_store(config, workdir, stop, store, is_main, start_time):
     sampler = batches.make_sampler(config.sampler, splits.train, config.batch_size,
                                    config.num_steps, config.seed,
                                    rows=devices.rows(config.batch_size))
-    eval_rows = devices.rows(config.eval_batch_size)
+    eval_rows = devices.rows(config.eval_batch_size, "eval_batch_size")
     num_train_steps = config.num_train_steps or config.num_epochs * sampler.steps_per_epoch
     eval_every = config.eval_every or sampler.steps_per_epoch
     sample_every = config.sample_every or eval_every
@@ -176,6 +176,10 @@ def _train_with_store(config, workdir, stop, store, is_main, start_time):
 
     def logical_params():
         return devices.logical(state, carry)[0].params
+
+    def local_params():
+        """This process's own copy: generation runs on process 0 alone (multi-host)."""
+        return devices.on_one_device(logical_params())
 
     # resume_step=-1 clears logs left by a run that crashed before its first checkpoint.
     writer = RunWriter(workdir, enabled=is_main,
@@ -207,7 +211,7 @@ def _train_with_store(config, workdir, stop, store, is_main, start_time):
         store.save(step, {"train": logical_state, "carry": logical_carry}, meta, wait=wait)
 
     def sample(step):
-        text = splits.vocab.decode(generate(model_config, logical_params(), prefix_ids,
+        text = splits.vocab.decode(generate(model_config, local_params(), prefix_ids,
                                             config.sample_length))
         writer.texts(step, {f"samples/{config.sample_prefix}": config.sample_prefix + text})
         return text
@@ -295,7 +299,7 @@ def _train_with_store(config, workdir, stop, store, is_main, start_time):
     summary = _summary(meta_info, progress, final)
     if is_main:
         write_summary(workdir, summary)
-        _print_book_lines(config, model_config, logical_params(), splits, progress, meta_info)
+        _print_book_lines(config, model_config, local_params(), splits, progress, meta_info)
     writer.close()
     return summary
 

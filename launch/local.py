@@ -126,6 +126,10 @@ class Runner:
                 code = subprocess.call(
                     job.train, cwd=sweeps.REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
                 )
+            if code == 75:  # deeprnn.lifecycle.EXIT_PREEMPTED: checkpointed; rerunning resumes
+                self.say(f"{tag}: stopped by a signal after a checkpoint; run the sweep again "
+                         "to resume")
+                return False
             if code != 0:
                 self.say(f"{tag}: FAILED with exit code {code}; see {job.workdir / 'train.log'}")
                 return False

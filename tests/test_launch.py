@@ -265,7 +265,8 @@ def test_tpu_up_run_status_down_against_fake_gcloud(tiny_sweep, fake_gcloud, cap
     inner = shlex.split(start.split("bash -c ", 1)[1])[0]
     assert inner == (
         f"set -o pipefail; $HOME/venv/bin/python -m deeprnn.train --flagfile={flagfile} "
-        "--workdir=gs://bkt/sweeps/tiny/deep --cell=lstm --num_layers=3 --num_train_steps=9 --multihost && "
+        "--workdir=gs://bkt/sweeps/tiny/deep --cell=lstm --num_layers=3 --num_train_steps=9 "
+        "--multihost && "
         "$HOME/venv/bin/python -m deeprnn.evaluate --workdir=gs://bkt/sweeps/tiny/deep "
         "--corpus=war_and_peace --split=test | gcloud storage cp - "
         "gs://bkt/sweeps/tiny/deep/eval/war_and_peace-test.json")
