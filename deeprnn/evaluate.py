@@ -27,13 +27,13 @@ def single_device_eval_fn(model_config: models.ModelConfig):
 
 def evaluate_ids(step_fn, model_config, params, ids: np.ndarray, *, batch_size: int,
                  num_steps: int, rows: tuple[int, int] | None = None,
-                 carry=None) -> dict[str, float]:
+                 carry=None) -> dict[str, float] | list[dict[str, float]]:
     """Loss, perplexity and bits per character over a whole split, read exactly once.
 
     The split runs as `batch_size` contiguous streams whose state carries from one window to
     the next, so every target token is scored with its full left context in its stream.
     `step_fn` is a compiled eval step; `rows` this process's streams (multi-host); `carry` its
-    initial state placed on the devices.
+    initial state placed on the devices. Stacked seeds' params give a list, one dict a seed.
     """
     start, stop = rows or (0, batch_size)
     if carry is None:
@@ -42,7 +42,10 @@ def evaluate_ids(step_fn, model_config, params, ids: np.ndarray, *, batch_size: 
     for x, y, mask in batches.eval_batches(ids, batch_size, num_steps):
         carry, metrics = step_fn(params, x[start:stop], y[start:stop], mask[start:stop], carry)
         loss_sum, tokens = loss_sum + metrics["loss_sum"], tokens + metrics["tokens"]
-    loss_sum, tokens = jax.device_get((loss_sum, tokens))
+    loss_sum, tokens = (np.asarray(a, float) for a in jax.device_get((loss_sum, tokens)))
+    if loss_sum.ndim:  # one score per seed (--num_seeds)
+        return [{**steps.summarize(float(ls), float(t)), "tokens": float(t)}
+                for ls, t in zip(loss_sum, tokens, strict=True)]
     return {**steps.summarize(float(loss_sum), float(tokens)), "tokens": float(tokens)}
 
 

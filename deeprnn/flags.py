@@ -48,6 +48,8 @@ class RunConfig:
     num_epochs: int = 50
     num_train_steps: int = 0
     seed: int = 0
+    num_seeds: int = 1
+    steps_per_call: int = 1
     nan_policy: str = "stop"
     # intervals and outputs (in steps)
     log_every: int = 10
@@ -80,7 +82,7 @@ class RunConfig:
 # order): a resume with different values is refused. Intervals and budgets may change.
 RESUME_KEYS = ("corpus", "preprocess", "split", "max_tokens", "sampler", "batch_size",
                "num_steps", "cell", "activation", "gru_variant", "num_layers", "num_hiddens",
-               "residual", "layer_norm", "optimizer", "seed")
+               "residual", "layer_norm", "optimizer", "seed", "num_seeds")
 
 _HELP = {
     "corpus": "Corpus spec: names (time_machine, war_of_the_worlds, frankenstein, "
@@ -120,6 +122,12 @@ _HELP = {
     "num_epochs": "Passes over the training text; ignored when --num_train_steps is set.",
     "num_train_steps": "Total training steps; overrides --num_epochs when > 0.",
     "seed": "Seed of the initial parameters, dropout and data order.",
+    "num_seeds": "Train K independently initialised copies (seeds seed..seed+K-1, each with "
+                 "its own data order) as one vmapped program on one device; metrics per seed "
+                 "(seed_<k>/...), their mean and spread (<tag>_std).",
+    "steps_per_call": "Optimizer steps per compiled call (a lax.scan over batches): keeps the "
+                      "host out of the loop on fast accelerators. The eval, sample and "
+                      "checkpoint intervals must be multiples of it.",
     "nan_policy": "stop: a non-finite loss or gradient stops the run, naming the last good "
                   "checkpoint; skip: skip that update and count it (train/skipped_updates).",
     "log_every": "Write training metrics every N steps.",
@@ -188,7 +196,7 @@ def validate(config: RunConfig) -> RunConfig:
             raise UsageError(f"--{name}={getattr(config, name)!r} is not one of "
                              f"{', '.join(choices)}")
     positive = ("batch_size", "num_steps", "eval_batch_size", "num_layers", "num_hiddens",
-                "log_every", "sample_length", "max_to_keep")
+                "log_every", "sample_length", "max_to_keep", "num_seeds", "steps_per_call")
     for name in positive:
         if getattr(config, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(config, name)}")
@@ -208,6 +216,10 @@ def validate(config: RunConfig) -> RunConfig:
     if config.cell == "gru" and config.gru_variant == "d2l" and config.impl == "flax":
         raise UsageError("--impl=flax has no d2l-variant GRU (Flax's GRUCell is the cudnn one);"
                          " use --impl=scratch or --gru_variant=cudnn")
+    for name in ("eval_every", "sample_every", "checkpoint_every"):
+        if getattr(config, name) % config.steps_per_call:
+            raise UsageError(f"--{name}={getattr(config, name)} must be a multiple of "
+                             f"--steps_per_call={config.steps_per_call}")
     config.split_fractions()
     profile_steps(config)
     return config

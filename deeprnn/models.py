@@ -168,13 +168,8 @@ def build_model(config: ModelConfig) -> nn.Module:
         return ScratchDeepRNN(config)
     if config.impl == "flax":
         return FlaxDeepRNN(config)
-    try:
-        from deeprnn import fused  # imported here: models.py must work before fused.py exists
-    except ModuleNotFoundError as err:
-        if err.name != "deeprnn.fused":
-            raise
-        raise UsageError("--impl=fused needs deeprnn/fused.py, which this checkout lacks: "
-                         "use --impl=scratch") from err
+    from deeprnn import fused  # here, not at the top: fused.py builds on this module
+
     return fused.FusedDeepRNN(config)
 
 

@@ -87,9 +87,10 @@ def train_step(state: TrainState, x, y, carry, reset, *, apply_fn: Callable,
     across batches but never backpropagates into the previous batch.
     """
     carry = reset_carry(carry, reset)
-    dropout_rng = jax.random.fold_in(state.rng, state.step)
-    if axis_name is not None:
-        dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
+    # Each device's rows get their own dropout masks; one device (or a vmapped seed) is
+    # device 0, so every path draws the same masks for the same rows.
+    device = jax.lax.axis_index(axis_name) if axis_name is not None else 0
+    dropout_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), device)
 
     def loss_fn(params):
         logits, new_carry = apply_fn(params, x, carry, train=True, rngs={"dropout": dropout_rng})

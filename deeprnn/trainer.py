@@ -6,14 +6,13 @@ import contextlib
 import dataclasses
 import functools
 import logging
-import math
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deeprnn import batches, corpora, models, steps, vocab
+from deeprnn import batches, corpora, models, seeds, steps, vocab
 from deeprnn.checkpoints import RunCheckpoints
 from deeprnn.errors import UsageError
 from deeprnn.evaluate import evaluate_ids
@@ -23,6 +22,16 @@ from deeprnn.jax_setup import enable_compilation_cache
 from deeprnn.lifecycle import Preempted, RunFailed, StopSignals, WorkdirLock, fault_point
 from deeprnn.parallel import DataParallel, start_multihost
 from deeprnn.run_info import run_metadata
+from deeprnn.run_metrics import (
+    Progress,
+    accumulate,
+    as_seed_list,
+    non_finite_error,
+    per_step,
+    run_summary,
+    seed_record,
+    skipped_updates,
+)
 from deeprnn.writers import ProgressLine, RunWriter, write_summary
 
 
@@ -42,37 +51,43 @@ def load_splits(config: RunConfig, saved_vocab: vocab.Vocab | None = None) -> vo
 
 def initial_training_state(config: RunConfig, model_config: models.ModelConfig,
                            num_train_steps: int):
-    """The model, optimizer, learning-rate schedule, fresh TrainState and zero carry."""
+    """The model, optimizer, learning-rate schedule, fresh TrainState and zero carry.
+
+    With --num_seeds=K, the state and carry of seeds seed..seed+K-1 stacked on a leading axis.
+    """
     model = models.build_model(model_config)
     lr_fn = steps.make_learning_rate(config.lr, config.lr_schedule, num_train_steps,
                                      config.warmup_steps)
     tx = steps.make_optimizer(config.optimizer, lr_fn, config.clip_norm,
                               skip_nonfinite=config.nan_policy == "skip")
-    init_key, dropout_key = jax.random.split(jax.random.PRNGKey(config.seed))
-    params = models.init_params(model_config, init_key)
-    state = steps.TrainState(step=jnp.asarray(0, jnp.int32), params=params,
-                             opt_state=tx.init(params), rng=dropout_key)
+
+    def fresh(seed):
+        init_key, dropout_key = jax.random.split(jax.random.PRNGKey(seed))
+        params = models.init_params(model_config, init_key)
+        return steps.TrainState(step=jnp.asarray(0, jnp.int32), params=params,
+                                opt_state=tx.init(params), rng=dropout_key)
+
+    carry = models.init_carry(model_config, config.batch_size)
+    if config.num_seeds == 1:
+        state = fresh(config.seed)
+    else:
+        state = seeds.stack([fresh(s) for s in seeds.seed_values(config.seed,
+                                                                 config.num_seeds)])
+        carry = seeds.stack([carry] * config.num_seeds)
     # Distinct buffers per leaf: the train step donates the carry, and XLA refuses to donate
     # one buffer twice (init_carry may share one zeros array between c and h).
-    carry = jax.tree.map(lambda a: jnp.array(a, copy=True),
-                         models.init_carry(model_config, config.batch_size))
+    carry = jax.tree.map(lambda a: jnp.array(a, copy=True), carry)
     return model, tx, lr_fn, state, carry
 
 
-class NonFiniteError(UsageError):
-    """A NaN or inf loss/gradient/parameter under --nan_policy=stop."""
-
-
-@dataclasses.dataclass
-class _Progress:
-    """What the loop accumulates between logs, saved in checkpoints so a resume is exact."""
-    loss_sum: float = 0.0
-    tokens: float = 0.0
-    best_validation: float = math.inf
-    best_step: int = -1
-    skipped_updates: int = 0
-    last_train: dict = dataclasses.field(default_factory=dict)
-    last_validation: dict = dataclasses.field(default_factory=dict)
+def _intervals(config: RunConfig, steps_per_epoch: int) -> tuple[int, int, int]:
+    """eval, sample and checkpoint intervals; defaults rounded up to whole compiled calls."""
+    per_call = config.steps_per_call
+    epoch = -(-steps_per_epoch // per_call) * per_call
+    eval_every = config.eval_every or epoch
+    sample_every = config.sample_every or eval_every
+    checkpoint_every = config.checkpoint_every or -(-max(eval_every, 500) // per_call) * per_call
+    return eval_every, sample_every, checkpoint_every
 
 
 def train_and_evaluate(config: RunConfig, workdir: str) -> dict:
@@ -152,39 +167,40 @@ def _train_with_store(config, workdir, stop, store, is_main, start_time):
     saved_vocab = _check_resumable(config, workdir, store, resume_step)
     splits = load_splits(config, saved_vocab)
     _check_held_out(config, splits)
-    devices = DataParallel(config.parallel)
-    sampler = batches.make_sampler(config.sampler, splits.train, config.batch_size,
-                                   config.num_steps, config.seed,
-                                   rows=devices.rows(config.batch_size))
+    devices = (DataParallel(config.parallel) if config.num_seeds == 1
+               else seeds.SeedStack(config.num_seeds))
+    rows = devices.rows(config.batch_size)
+    samplers = [batches.make_sampler(config.sampler, splits.train, config.batch_size,
+                                     config.num_steps, seed, rows=rows)
+                for seed in seeds.seed_values(config.seed, config.num_seeds)]
     eval_rows = devices.rows(config.eval_batch_size, "eval_batch_size")
-    num_train_steps = config.num_train_steps or config.num_epochs * sampler.steps_per_epoch
-    eval_every = config.eval_every or sampler.steps_per_epoch
-    sample_every = config.sample_every or eval_every
-    checkpoint_every = config.checkpoint_every or max(eval_every, 500)
+    steps_per_epoch = samplers[0].steps_per_epoch
+    num_train_steps = config.num_train_steps or config.num_epochs * steps_per_epoch
+    eval_every, sample_every, checkpoint_every = _intervals(config, steps_per_epoch)
 
     model_config = model_config_for(config, splits.vocab.size)
     model, tx, lr_fn, state, carry = initial_training_state(config, model_config,
                                                             num_train_steps)
-    progress = _Progress()
+    progress = Progress.fresh(config.num_seeds)
     if resume_step is not None:
         restored, meta = store.restore(resume_step, {"train": state, "carry": carry})
         state, carry = restored["train"], restored["carry"]
-        progress = _Progress(**meta["progress"])
+        progress = Progress(**meta["progress"])
         logging.info("resumed from step %d in %s", resume_step, workdir)
-    start_step = int(state.step)
+    start_step = int(np.asarray(state.step).ravel()[0])
     state, carry = devices.from_logical(state, carry)  # global batch -> this process
 
     def logical_params():
         return devices.logical(state, carry)[0].params
 
     def local_params():
-        """This process's own copy: generation runs on process 0 alone (multi-host)."""
+        """This process's own copy (seed 0's): generation runs on process 0 alone."""
         return devices.on_one_device(logical_params())
 
     # resume_step=-1 clears logs left by a run that crashed before its first checkpoint.
     writer = RunWriter(workdir, enabled=is_main,
                        resume_step=start_step if resume_step is not None else -1)
-    meta_info = run_metadata(config, model_config, logical_params(), splits, num_train_steps)
+    meta_info = run_metadata(config, model_config, local_params(), splits, num_train_steps)
     writer.hparams({k: v for k, v in dataclasses.asdict(config).items() if v is not None},
                    ["validation/perplexity", "validation/bits_per_char", "test/perplexity"])
 
@@ -192,101 +208,108 @@ def _train_with_store(config, workdir, stop, store, is_main, start_time):
         functools.partial(steps.train_steps, apply_fn=model.apply, tx=tx))
     eval_fn = devices.compile_eval(functools.partial(steps.eval_step, apply_fn=model.apply))
 
-    def evaluate(params, ids):
-        """Scores a split with logical (single-device) params."""
+    def evaluate(params, ids) -> list[dict]:
+        """Scores a split with logical params; one dict per seed."""
         eval_carry = devices.shard_rows(models.init_carry(model_config,
                                                           eval_rows[1] - eval_rows[0]))
-        return evaluate_ids(eval_fn, model_config, devices.replicate(params), ids,
-                            rows=eval_rows, carry=eval_carry, batch_size=config.eval_batch_size,
-                            num_steps=config.num_steps)
+        return as_seed_list(evaluate_ids(
+            eval_fn, model_config, devices.replicate(params), ids, rows=eval_rows,
+            carry=eval_carry, batch_size=config.eval_batch_size, num_steps=config.num_steps))
     prefix_ids = splits.vocab.encode(vocab.preprocess(config.sample_prefix, config.preprocess))
 
     def checkpoint(step, wait=False):
         if not _all_finite(state.params):
-            raise _non_finite_error(step, ["parameters"], store)
+            raise non_finite_error(step, ["parameters"], store)
         writer.flush()  # logs up to this step are durable before the checkpoint that covers them
         meta = {"flags": dataclasses.asdict(config), "vocab": splits.vocab.to_json(),
                 "progress": dataclasses.asdict(progress), "num_train_steps": num_train_steps}
         logical_state, logical_carry = devices.logical(state, carry)
         store.save(step, {"train": logical_state, "carry": logical_carry}, meta, wait=wait)
 
-    def sample(step):
-        text = splits.vocab.decode(generate(model_config, local_params(), prefix_ids,
-                                            config.sample_length))
-        writer.texts(step, {f"samples/{config.sample_prefix}": config.sample_prefix + text})
-        return text
+    def batches_for(first: int, count: int):
+        """xs, ys [count, (K,) rows, T] and resets [count] for steps first..first+count-1."""
+        per_seed = [[sampler.batch(s) for s in range(first, first + count)]
+                    for sampler in samplers]
+        xs = np.stack([np.stack([x for x, _ in seed]) for seed in per_seed], axis=1)
+        ys = np.stack([np.stack([y for _, y in seed]) for seed in per_seed], axis=1)
+        if config.num_seeds == 1:
+            xs, ys = xs[:, 0], ys[:, 0]
+        # Every seed's sampler has the same epoch length, so resets are shared.
+        return xs, ys, np.asarray([samplers[0].resets_state(s)
+                                   for s in range(first, first + count)])
 
     profile = profile_steps(config)
     line = ProgressLine(num_train_steps) if is_main else None
-    tokens_per_step = config.batch_size * config.num_steps
+    tokens_per_step = config.batch_size * config.num_steps * config.num_seeds
     interval_start, interval_tokens, train_time = time.time(), 0, 0.0
     step, pending = start_step, []
     while step < num_train_steps:
-        if profile and step == profile[0]:
+        if profile and profile[0] <= step < profile[0] + config.steps_per_call:
             jax.profiler.start_trace(f"{workdir}/profile")
-        xs, ys = sampler.batch(step)
-        resets = np.asarray([sampler.resets_state(step)])
-        state, carry, metrics = run_steps(state, xs[None], ys[None], carry, resets)
-        step += 1
+        first, count = step, min(config.steps_per_call, num_train_steps - step)
+        xs, ys, resets = batches_for(first, count)
+        state, carry, metrics = run_steps(state, xs, ys, carry, resets)
+        step += count
         fault_point("after_step", step)
         store.record_finished_saves()
-        if profile and step == profile[1] + 1:
+        if profile and step > profile[1] and step - count <= profile[1]:
             jax.block_until_ready(state)
             jax.profiler.stop_trace()
-        interval_tokens += tokens_per_step
-        pending.append(metrics)  # device arrays: no host sync until the next log
-        stopping = stop.should_stop(step, store)  # every step, on every process
-        log_now = step % config.log_every == 0 or step == num_train_steps
+        interval_tokens += tokens_per_step * count
+        pending.append((first, metrics))  # device arrays: no host sync until needed
+        stopping = stop.should_stop(step, store)  # every call, on every process
+        log_due = any(s % config.log_every == 0 for s in range(first + 1, step + 1))
         eval_now = step % eval_every == 0 or step == num_train_steps
         sample_now = step % sample_every == 0 or step == num_train_steps
         save_now = step % checkpoint_every == 0 or step == num_train_steps or stopping
-        if not (log_now or eval_now or sample_now or save_now):
+        if not (log_due or eval_now or sample_now or save_now):
             continue
-        fetched, pending = jax.device_get(pending), []
-        first = step - len(fetched)
-        for offset, m in enumerate(fetched):
-            _accumulate(config, first + offset + 1, m, store, progress)
+        elapsed = time.time() - interval_start
+        train_time += elapsed
+        rate = interval_tokens / max(elapsed, 1e-9)
+        records = {}
+        for call_first, call_metrics in jax.device_get(pending):
+            for i in range(len(call_metrics["loss_sum"])):
+                s, m = call_first + i + 1, per_step(call_metrics, i)
+                accumulate(progress, s, m, config.nan_policy, store)
+                if s % config.log_every == 0 or s == num_train_steps:
+                    records[s] = {**seed_record("train", progress.train_summaries()),
+                                  "train/grad_norm": float(np.mean(m["grad_norm"])),
+                                  "train/learning_rate": float(lr_fn(s - 1)),
+                                  "train/tokens_per_sec": rate}
+                    progress.last_train = records[s]
+        pending = []
         if config.nan_policy == "skip":
-            skipped = _skipped_updates(state.opt_state)
+            skipped = skipped_updates(state.opt_state)
             if skipped > progress.skipped_updates:
                 logging.warning("%d update(s) with a non-finite gradient skipped by step %d",
                                 skipped, step)
             progress.skipped_updates = skipped
-        if log_now or eval_now:
-            elapsed = time.time() - interval_start
-            train_time += elapsed
-            record = {"train/grad_norm": float(np.asarray(fetched[-1]["grad_norm"])[-1]),
-                      "train/learning_rate": float(lr_fn(step - 1)),
-                      "train/tokens_per_sec": interval_tokens / max(elapsed, 1e-9)}
-            if log_now:
-                summary = steps.summarize(progress.loss_sum, progress.tokens)
-                if not progress.tokens:  # every step since the last log was non-finite
-                    summary = dict.fromkeys(summary, math.nan)
-                record.update({f"train/{k}": v for k, v in summary.items()})
-                if config.nan_policy == "skip":
-                    record["train/skipped_updates"] = progress.skipped_updates
-                progress.last_train = summary
-                progress.loss_sum = progress.tokens = 0.0
-            if eval_now and splits.validation.size:
-                val = evaluate(logical_params(), splits.validation)
-                record.update({f"validation/{k}": v for k, v in val.items()})
-                progress.last_validation = val
-                if val["perplexity"] < progress.best_validation:
-                    progress.best_validation, progress.best_step = val["perplexity"], step
-                    _save_best(workdir, logical_params(), step)
-            writer.scalars(step, record)
-            if line:
-                line.update(step, record)
-            interval_start, interval_tokens = time.time(), 0
+            for record in records.values():
+                record["train/skipped_updates"] = skipped
+        if eval_now and splits.validation.size:
+            val = seed_record("validation", evaluate(logical_params(), splits.validation))
+            records.setdefault(step, {}).update(val)
+            progress.last_validation = val
+            if val["validation/perplexity"] < progress.best_validation:
+                progress.best_validation, progress.best_step = val["validation/perplexity"], step
+                _save_best(workdir, logical_params(), step)
+        for s, record in sorted(records.items()):
+            writer.scalars(s, record)
+        if line and records:
+            line.update(step, records[max(records)])
+        interval_start, interval_tokens = time.time(), 0
         if sample_now:
-            sample(step)
+            text = splits.vocab.decode(generate(model_config, local_params(), prefix_ids,
+                                                config.sample_length))
+            writer.texts(step, {f"samples/{config.sample_prefix}": config.sample_prefix + text})
         if save_now:
             checkpoint(step, wait=step == num_train_steps or stopping)
         meta_info.update(steps_done=step, wall_time_s=time.time() - start_time,
-                         tokens_per_sec=(step - start_step) * tokens_per_step / max(train_time,
-                                                                                    1e-9))
-        if is_main and (step % eval_every == 0 or stopping):
-            write_summary(workdir, _summary(meta_info, progress))
+                         tokens_per_sec=(step - start_step) * tokens_per_step
+                         / max(train_time, 1e-9))
+        if is_main and (eval_now or stopping):
+            write_summary(workdir, run_summary(meta_info, progress))
         if stopping:
             raise Preempted(step, stop.received or "a signal")
     if line:
@@ -294,9 +317,10 @@ def _train_with_store(config, workdir, stop, store, is_main, start_time):
     if stop.received and not stop.multihost:  # the last step is saved; evaluate on resume
         raise Preempted(step, stop.received)
 
-    final = _final_evaluation(workdir, evaluate, logical_params(), splits, writer, step)
+    final, per_seed = _final_evaluation(workdir, evaluate, logical_params(), splits, writer,
+                                        step)
     meta_info.update(steps_done=step, wall_time_s=time.time() - start_time)
-    summary = _summary(meta_info, progress, final)
+    summary = run_summary(meta_info, progress, final, per_seed)
     if is_main:
         write_summary(workdir, summary)
         _print_book_lines(config, model_config, local_params(), splits, progress, meta_info)
@@ -309,34 +333,6 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def _skipped_updates(opt_state) -> int:
-    """optax.apply_if_finite's own count of the updates it dropped (its total_notfinite)."""
-    return int(np.asarray(jax.device_get(opt_state.total_notfinite)).ravel()[0])
-
-
-def _accumulate(config, step, metrics, store, progress):
-    """Adds one step's metrics to the running sums, after checking they are finite."""
-    loss = float(np.sum(metrics["loss_sum"]))
-    values = {"loss": loss, "grad_norm": float(np.max(metrics["grad_norm"]))}
-    bad = [k for k, v in values.items() if not math.isfinite(v)]
-    if bad and config.nan_policy != "skip":
-        raise _non_finite_error(step, bad, store)
-    if bad:  # apply_if_finite skips the update when a gradient is non-finite
-        logging.warning("step %d: non-finite %s", step, ", ".join(bad))
-    if math.isfinite(loss):  # a skipped step's NaN loss would poison the interval's mean
-        progress.loss_sum += loss
-        progress.tokens += float(np.sum(metrics["tokens"]))
-
-
-def _non_finite_error(step, bad, store):
-    store.wait()  # saves under way hold good steps: complete them before naming the last one
-    last = store.latest_complete_step()
-    return NonFiniteError(
-        f"non-finite {', '.join(bad)} at step {step}; last good checkpoint: "
-        f"{'step ' + str(last) if last is not None else 'none'} (kept; nothing newer was "
-        "saved); lower --lr, or pass --nan_policy=skip to skip such updates")
-
-
 def _save_best(workdir, params, step):
     best = RunCheckpoints(f"{workdir}/best", max_to_keep=1, async_save=False)
     best.save(step, {"params": params}, {"step": step}, wait=True)
@@ -344,10 +340,13 @@ def _save_best(workdir, params, step):
 
 
 def _final_evaluation(workdir, evaluate, params, splits, writer, step):
-    final = {}
+    """Validation on the last params, test on the best-validation params; means over seeds
+    (with per-seed values for --num_seeds) and the per-seed finals."""
+    final, per_seed = {}, None
     if splits.validation.size:
-        final.update({f"validation/{k}": v
-                      for k, v in evaluate(params, splits.validation).items()})
+        validation = evaluate(params, splits.validation)
+        per_seed = [{f"validation/{k}": v for k, v in d.items()} for d in validation]
+        final.update(seed_record("validation", validation))
     if splits.test.size:
         best = RunCheckpoints(f"{workdir}/best", max_to_keep=1, async_save=False)
         best_step = best.latest_complete_step()
@@ -355,29 +354,19 @@ def _final_evaluation(workdir, evaluate, params, splits, writer, step):
             restored, _ = best.restore(best_step, {"params": params})
             params = restored["params"]
         best.close()
-        final.update({f"test/{k}": v for k, v in evaluate(params, splits.test).items()})
+        test = evaluate(params, splits.test)
+        final.update(seed_record("test", test))
+        per_seed = [{**(per_seed[k] if per_seed else {}),
+                     **{f"test/{key}": v for key, v in d.items()}} for k, d in enumerate(test)]
         final["test/checkpoint_step"] = best_step if best_step is not None else step
     if final:
         writer.scalars(step, {k: v for k, v in final.items() if k != "test/checkpoint_step"})
-    return final
-
-
-def _summary(meta_info, progress, final=None):
-    out = dict(meta_info)
-    out["best"] = {"step": progress.best_step, "validation/perplexity": progress.best_validation
-                   if math.isfinite(progress.best_validation) else None}
-    out["last"] = {**{f"train/{k}": v for k, v in progress.last_train.items()},
-                   **{f"validation/{k}": v for k, v in progress.last_validation.items()}}
-    out["skipped_updates"] = progress.skipped_updates
-    if final is not None:
-        out["final"] = final
-        out["finished"] = True
-    return out
+    return final, per_seed
 
 
 def _print_book_lines(config, model_config, params, splits, progress, meta_info):
     device = jax.devices()[0]
-    ppl = progress.last_train.get("perplexity", float("nan"))
+    ppl = progress.last_train.get("train/perplexity", float("nan"))
     print(f"perplexity {ppl:.1f}, {meta_info['tokens_per_sec']:.1f} tokens/sec on "
           f"{device.platform}:{device.id} ({device.device_kind})")
     for prefix in ("time traveller", "traveller"):

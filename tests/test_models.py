@@ -2,7 +2,6 @@
 
 import dataclasses
 import functools
-import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -156,13 +155,6 @@ def test_dropout_only_when_training():
 def test_bad_config_is_a_usage_error(bad, fix):
     with pytest.raises(UsageError, match=fix):
         ModelConfig(vocab_size=5, **bad)
-
-
-@pytest.mark.skipif(importlib.util.find_spec("deeprnn.fused") is not None,
-                    reason="deeprnn/fused.py exists; its own tests cover it")
-def test_fused_without_fused_module_is_a_usage_error():
-    with pytest.raises(UsageError, match="fused"):
-        build_model(ModelConfig(vocab_size=5, impl="fused"))
 
 
 def test_parameter_count_of_d2l_lstm_next_to_pytorch():

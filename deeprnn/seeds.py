@@ -1,0 +1,87 @@
+"""Many seeds in one program (`--num_seeds=K`).
+
+K independently initialised copies of the model, each with its own data order (seed + k),
+train as one vmapped step: a small model that leaves an accelerator idle fills it K times over,
+and the spread over seeds comes with every run. Every seed is clipped and updated on its own
+(the optimizer is vmapped with the step), so seed k's numbers equal a run with --seed=seed+k.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def seed_values(seed: int, num_seeds: int) -> list[int]:
+    return [seed + k for k in range(num_seeds)]
+
+
+def stack(trees):
+    """One pytree with a leading seed axis from K pytrees of the same structure."""
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+def select(tree, k: int):
+    """Seed k's slice of a stacked pytree."""
+    return jax.tree.map(lambda a: a[k], tree)
+
+
+def vmap_train_steps(train_steps_fn):
+    """train_steps over seeds: state/carry [K, ...], xs/ys [steps, K, B, T], resets [steps]
+    shared (every seed's sampler has the same epoch length) -> metrics [steps, K]."""
+    return jax.vmap(train_steps_fn, in_axes=(0, 1, 1, 0, None), out_axes=(0, 0, 1))
+
+
+def vmap_eval_step(eval_step_fn):
+    """eval_step over seeds: params/carry [K, ...], the same batch for every seed."""
+    return jax.vmap(eval_step_fn, in_axes=(0, None, None, None, 0))
+
+
+def stacked_batches(samplers, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each seed's batch for `step`, stacked: x, y [K, B, T]."""
+    pairs = [sampler.batch(step) for sampler in samplers]
+    return np.stack([x for x, _ in pairs]), np.stack([y for _, y in pairs])
+
+
+class SeedStack:
+    """The DataParallel interface (deeprnn.parallel) for K stacked seeds on one device.
+
+    States, params and carries carry a leading seed axis; batches come as [steps, K, B, T].
+    """
+
+    def __init__(self, num_seeds: int):
+        if jax.device_count() > 1:
+            from deeprnn.errors import UsageError
+
+            raise UsageError(f"--num_seeds={num_seeds} runs every seed on one device, but "
+                             f"{jax.device_count()} are visible; show one (e.g. "
+                             "CUDA_VISIBLE_DEVICES=0) or use --num_seeds=1 for data parallelism")
+        self.num_seeds = num_seeds
+        self.num_devices = 1
+
+    def rows(self, batch_size: int, flag: str = "batch_size") -> tuple[int, int]:
+        return 0, batch_size
+
+    def compile_train(self, train_steps_fn):
+        return jax.jit(vmap_train_steps(train_steps_fn), donate_argnums=(0, 3))
+
+    def compile_eval(self, eval_step_fn):
+        return jax.jit(vmap_eval_step(eval_step_fn))
+
+    def replicate(self, tree):
+        return tree
+
+    def shard_rows(self, carry):
+        """A fresh carry for one seed -> the same zeros for every seed."""
+        return jax.tree.map(lambda c: jnp.stack([c] * self.num_seeds), carry)
+
+    def from_logical(self, state, carry):
+        return state, jax.tree.map(lambda a: jnp.array(a, copy=True), carry)
+
+    def logical(self, state, carry):
+        return state, carry
+
+    def on_one_device(self, tree):
+        """Seed 0's copy (generation samples from the first seed)."""
+        return select(tree, 0)

@@ -1,0 +1,48 @@
+"""--steps_per_call and --num_seeds through the whole training program."""
+
+from __future__ import annotations
+
+import pytest
+from test_train import run, tiny_argv, write_text
+
+from deeprnn.errors import UsageError
+from deeprnn.writers import read_metrics
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    return write_text(tmp_path_factory.mktemp("text") / "tiny.txt")
+
+
+def test_steps_per_call_equals_one_step_per_call(text_file, tmp_path):
+    argv = ["--num_train_steps=24", "--log_every=2", "--eval_every=12", "--checkpoint_every=12"]
+    one = run(tiny_argv(text_file, tmp_path / "one", *argv))
+    four = run(tiny_argv(text_file, tmp_path / "four", *argv, "--steps_per_call=4"))
+    a, b = read_metrics(str(tmp_path / "one")), read_metrics(str(tmp_path / "four"))
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(2, 25, 2))
+    for ra, rb in zip(a, b, strict=True):
+        assert rb["train/loss"] == pytest.approx(ra["train/loss"], rel=1e-5)
+    assert four["final"]["test/perplexity"] == pytest.approx(one["final"]["test/perplexity"],
+                                                             rel=1e-5)
+
+
+def test_intervals_must_be_multiples_of_steps_per_call(text_file, tmp_path):
+    with pytest.raises(UsageError, match=r"--eval_every=20 must be a multiple of "
+                                         r"--steps_per_call=3"):
+        run(tiny_argv(text_file, tmp_path, "--steps_per_call=3"))
+
+
+def test_num_seeds_equals_separate_runs(text_file, tmp_path):
+    argv = ["--num_train_steps=20", "--seed=5", "--dropout=0.1", "--sampler=random"]
+    together = run(tiny_argv(text_file, tmp_path / "k3", *argv, "--num_seeds=3"))
+    records = read_metrics(str(tmp_path / "k3"))
+    for k in range(3):
+        alone = run(tiny_argv(text_file, tmp_path / f"s{k}", *argv, f"--seed={5 + k}"))
+        alone_records = read_metrics(str(tmp_path / f"s{k}"))
+        for ra, rk in zip(alone_records, records, strict=True):
+            assert rk[f"seed_{k}/train/loss"] == pytest.approx(ra["train/loss"], rel=1e-4)
+        assert together["seeds"][k]["test/perplexity"] == pytest.approx(
+            alone["final"]["test/perplexity"], rel=1e-4)
+    values = [s["validation/perplexity"] for s in together["seeds"]]
+    assert together["final"]["validation/perplexity"] == pytest.approx(sum(values) / 3)
+    assert together["final"]["validation/perplexity_std"] > 0
