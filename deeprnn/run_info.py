@@ -8,6 +8,7 @@ import pathlib
 import subprocess
 
 import jax
+import numpy as np
 
 from deeprnn import models
 
@@ -38,11 +39,25 @@ def git_commit() -> str:
         return "unknown"
 
 
+def baseline_perplexities(splits) -> dict[str, float]:
+    """What a model must beat: uniform over the vocabulary, and a unigram model of the training
+    text (add-one smoothed) scored on each held-out split."""
+    out = {"uniform": float(splits.vocab.size)}
+    counts = np.bincount(splits.train, minlength=splits.vocab.size) + 1.0
+    log_probs = np.log(counts / counts.sum())
+    for name in ("validation", "test"):
+        ids = getattr(splits, name)
+        if ids.size:
+            out[f"unigram_{name}"] = float(np.exp(-log_probs[ids].mean()))
+    return out
+
+
 def run_metadata(config, model_config, params, splits, num_train_steps: int) -> dict:
     return {
         "flags": dataclasses.asdict(config),
         "num_params": models.count_params(params),
         "num_train_steps": num_train_steps,
+        "baseline_perplexity": baseline_perplexities(splits),
         "vocab_size": splits.vocab.size,
         "corpus": {"documents": splits.documents, "unk_rate": splits.unk_rate,
                    "train_tokens": int(splits.train.size),

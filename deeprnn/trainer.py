@@ -264,11 +264,12 @@ def _train_with_store(config, workdir, stop, store, is_main, start_time):
         save_now = step % checkpoint_every == 0 or step == num_train_steps or stopping
         if not (log_due or eval_now or sample_now or save_now):
             continue
-        elapsed = time.time() - interval_start
+        fetched, pending = jax.device_get(pending), []  # waits for the queued steps
+        elapsed = time.time() - interval_start  # so the clock covers their compute
         train_time += elapsed
         rate = interval_tokens / max(elapsed, 1e-9)
         records = {}
-        for call_first, call_metrics in jax.device_get(pending):
+        for call_first, call_metrics in fetched:
             for i in range(len(call_metrics["loss_sum"])):
                 s, m = call_first + i + 1, per_step(call_metrics, i)
                 accumulate(progress, s, m, config.nan_policy, store)
@@ -278,7 +279,6 @@ def _train_with_store(config, workdir, stop, store, is_main, start_time):
                                   "train/learning_rate": float(lr_fn(s - 1)),
                                   "train/tokens_per_sec": rate}
                     progress.last_train = records[s]
-        pending = []
         if config.nan_policy == "skip":
             skipped = skipped_updates(state.opt_state)
             if skipped > progress.skipped_updates:
@@ -298,13 +298,13 @@ def _train_with_store(config, workdir, stop, store, is_main, start_time):
             writer.scalars(s, record)
         if line and records:
             line.update(step, records[max(records)])
-        interval_start, interval_tokens = time.time(), 0
         if sample_now:
             text = splits.vocab.decode(generate(model_config, local_params(), prefix_ids,
                                                 config.sample_length))
             writer.texts(step, {f"samples/{config.sample_prefix}": config.sample_prefix + text})
         if save_now:
             checkpoint(step, wait=step == num_train_steps or stopping)
+        interval_start, interval_tokens = time.time(), 0  # evaluation and samples excluded
         meta_info.update(steps_done=step, wall_time_s=time.time() - start_time,
                          tokens_per_sec=(step - start_step) * tokens_per_step
                          / max(train_time, 1e-9))

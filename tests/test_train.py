@@ -75,6 +75,9 @@ def test_end_to_end_beats_unigram_and_writes_logs(finished_run, text_file):
     unigram = unigram_perplexity(text[: int(0.9 * n)], text[int(0.9 * n): int(0.95 * n)])
     assert summary["final"]["validation/perplexity"] < 0.5 * unigram
     assert summary["final"]["test/perplexity"] < 0.5 * unigram
+    baseline = summary["baseline_perplexity"]
+    assert baseline["uniform"] == summary["vocab_size"]
+    assert baseline["unigram_validation"] == pytest.approx(unigram, rel=0.05)
     saved = read_summary(str(workdir))
     assert saved["finished"] and saved["steps_done"] == 120 and saved["num_params"] > 0
     records = read_metrics(str(workdir))
