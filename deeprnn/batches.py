@@ -98,11 +98,15 @@ class _Sampler:
     def epoch(self, step: int) -> int:
         return self._locate(step)[0]
 
+    def starts(self, step: int) -> np.ndarray:
+        """Where each of this process's rows of batch `step` starts in the token array: the
+        whole batch in B integers, for samplers that cut windows on the device."""
+        epoch, index = self._locate(step)
+        return self._batch_starts(self._epoch_starts(epoch), index)
+
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """x, y int32 [rows, num_steps] of global batch number `step`."""
-        epoch, index = self._locate(step)
-        return _windows(self.ids, self._batch_starts(self._epoch_starts(epoch), index),
-                        self.num_steps)
+        return _windows(self.ids, self.starts(step), self.num_steps)
 
 
 class RandomSampler(_Sampler):

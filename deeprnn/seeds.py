@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 def seed_values(seed: int, num_seeds: int) -> list[int]:
@@ -36,12 +35,6 @@ def vmap_train_steps(train_steps_fn):
 def vmap_eval_step(eval_step_fn):
     """eval_step over seeds: params/carry [K, ...], the same batch for every seed."""
     return jax.vmap(eval_step_fn, in_axes=(0, None, None, None, 0))
-
-
-def stacked_batches(samplers, step: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each seed's batch for `step`, stacked: x, y [K, B, T]."""
-    pairs = [sampler.batch(step) for sampler in samplers]
-    return np.stack([x for x, _ in pairs]), np.stack([y for _, y in pairs])
 
 
 class SeedStack:

@@ -1,0 +1,46 @@
+"""Training steps whose batches are cut on the device from a resident token array.
+
+At the d2l shape a step is short (about 1 ms on a GPU), so per-call dispatch and host
+transfers cost as much as the step itself. `deeprnn.steps.train_steps` already runs several
+steps per call (the training loop's --steps_per_call); here the whole token array also lives
+on the device and each call receives only the window starts [S, B] computed from the
+sampler's (seed, step), so S * B integers cross from the host per call instead of 2 * S * B * T.
+The benchmark's `fused` rows run this way.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from deeprnn import steps
+
+
+def gather_windows(ids, starts, num_steps: int):
+    """x[s, b] = ids[starts[s, b] : + T], y the same shifted by one token (on the device)."""
+    window = ids[starts[..., None] + jnp.arange(num_steps + 1)]
+    return window[..., :-1], window[..., 1:]
+
+
+def make_resident_multi_step(apply_fn: Callable, tx: optax.GradientTransformation,
+                             num_steps: int) -> Callable:
+    """jitted (state, ids int32 [N] on the device, starts int32 [S, B], carry, resets bool [S])
+    -> (state, carry, metrics stacked [S]); the state and carry buffers are donated."""
+    run_steps = functools.partial(steps.train_steps, apply_fn=apply_fn, tx=tx)
+
+    def run(state, ids, starts, carry, resets):
+        xs, ys = gather_windows(ids, starts, num_steps)
+        return run_steps(state, xs, ys, carry, resets)
+
+    return jax.jit(run, donate_argnums=(0, 3))
+
+
+def sampler_starts(sampler, first_step: int, count: int) -> np.ndarray:
+    """Window starts [count, rows] of steps first_step.. (the windows sampler.batch cuts)."""
+    return np.stack([sampler.starts(step)
+                     for step in range(first_step, first_step + count)]).astype(np.int32)
