@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deeprnn import jax_setup, models, multistep, steps
-from deeprnn.errors import UsageError
+from deeprnn.errors import UsageError, exit_on_usage_error
 from deeprnn.fused import FusedDeepRNN
 
 
@@ -326,8 +326,5 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    try:
+    with exit_on_usage_error():
         main()
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)

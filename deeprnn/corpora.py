@@ -18,13 +18,12 @@ import hashlib
 import json
 import os
 import re
-import sys
 import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from deeprnn.errors import UsageError
+from deeprnn.errors import UsageError, exit_on_usage_error
 
 DATA_DIR_ENV = "DEEPRNN_DATA_DIR"
 GUTENBERG_URL = "https://www.gutenberg.org/cache/epub/{id}/pg{id}.txt"
@@ -279,13 +278,10 @@ def main(argv) -> None:
 
     del argv
     f = flags.FLAGS
-    try:
+    with exit_on_usage_error():
         documents = load_documents(f.corpus, f.data_dir, f.tfds_data_dir)
         splits = vocab.build_splits(documents, f.preprocess, vocab.parse_split(f.split),
                                     f.max_tokens)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     print(json.dumps(describe(f.corpus, splits, documents, f.preprocess), ensure_ascii=False))
 
 

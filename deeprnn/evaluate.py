@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 
 import jax
 import numpy as np
 from absl import app, flags
 
 from deeprnn import batches, models, steps
-from deeprnn.errors import UsageError
+from deeprnn.errors import UsageError, exit_on_usage_error
 
 
 @functools.lru_cache(maxsize=16)
@@ -67,7 +66,7 @@ def main(argv):
     from deeprnn.runs import load_trained_run
     from deeprnn.trainer import load_splits
 
-    try:
+    with exit_on_usage_error():
         if not FLAGS.workdir:
             raise UsageError("--workdir is required: the folder of a trained run")
         run = load_trained_run(FLAGS.workdir)
@@ -85,9 +84,6 @@ def main(argv):
         print(json.dumps({"workdir": FLAGS.workdir, "corpus": config.corpus,
                           "split": FLAGS.split, "step": run.step, **result,
                           "unk_rate": unk}, indent=1))
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-
 import jax
 from absl import app, flags
 
-from deeprnn.errors import UsageError
+from deeprnn.errors import UsageError, exit_on_usage_error
 
 FLAGS = flags.FLAGS
 
@@ -46,14 +44,11 @@ def generate_text(workdir: str, prefix: str, length: int, temperature: float = 0
 
 def main(argv):
     del argv
-    try:
+    with exit_on_usage_error():
         if not FLAGS.workdir:
             raise UsageError("--workdir is required: the folder of a trained run")
         print(generate_text(FLAGS.workdir, FLAGS.prefix, FLAGS.length, FLAGS.temperature,
                             FLAGS.seed))
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -26,10 +26,9 @@ import signal
 import socket
 import threading
 
-from deeprnn.errors import UsageError
+from deeprnn.errors import EXIT_USAGE, UsageError  # noqa: F401 (EXIT_USAGE re-exported)
 
 EXIT_FAILED = 1
-EXIT_USAGE = 2
 EXIT_PREEMPTED = 75
 
 LOCK_FILE = "deeprnn.lock"

@@ -94,7 +94,8 @@ class DeepRNN(nn.Module):
 
     def recurrent_layer(self, layer: int, inputs, carry):
         """(inputs: token ids [T, B] for layer 0, else [T, B, H]; carry) -> (carry, [T, B, H])."""
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} must define recurrent_layer(layer, inputs, "
+                        "carry); use ScratchDeepRNN, FlaxDeepRNN or fused.FusedDeepRNN")
 
     @nn.compact
     def __call__(self, tokens, carry=None, *, train: bool = False):

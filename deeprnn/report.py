@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from absl import app, flags
 from etils import epath
 
-from deeprnn.errors import UsageError
+from deeprnn.errors import UsageError, exit_on_usage_error
 from deeprnn.writers import SUMMARY_FILE, read_metrics, read_summary
 
 # Flags that say where or how often, not what is trained: runs differing only in these (and
@@ -298,13 +298,10 @@ flags.DEFINE_string("out", None, "Where report.md and the PNG plots go (default:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    try:
+    with exit_on_usage_error():
         if not FLAGS.sweep_dir:
             raise UsageError("--sweep_dir is required: the folder that holds the runs")
         print(write_report(FLAGS.sweep_dir, FLAGS.out), end="")
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

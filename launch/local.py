@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from deeprnn.errors import UsageError
+from deeprnn.errors import UsageError, exit_on_usage_error
 from launch import sweep as sweeps
 
 
@@ -204,11 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry_point() -> None:
-    try:
+    with exit_on_usage_error():
         sys.exit(main())
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 
-from deeprnn.errors import UsageError
+from deeprnn.errors import UsageError, exit_on_usage_error
 from launch import sweep as sweeps
 
 READY_STATES = {"ACTIVE", "READY"}  # queued resource / TPU VM
@@ -328,10 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def entry_point() -> None:
     try:
-        sys.exit(main())
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        with exit_on_usage_error():
+            sys.exit(main())
     except subprocess.CalledProcessError as error:
         detail = (error.stderr or "").strip().splitlines()
         print(f"error: {shlex.join(error.cmd)} failed with exit code {error.returncode}"
