@@ -361,3 +361,35 @@ def test_command_line_turns_bad_input_into_one_error_line(module, tmp_path):
                           env={**os.environ, "PYTHONPATH": str(sweeps.REPO_ROOT)})
     assert done.returncode == 2
     assert done.stderr.startswith("error: unknown sweep 'nope'; pick one of corpora, depth_cell")
+
+
+def test_local_runner_with_the_real_programs_then_the_report(tmp_path, capsys):
+    """Two tiny runs of `python -m deeprnn.train`, one scored by `deeprnn.evaluate` on a text
+    by another "author", then `deeprnn.report` over the sweep folder."""
+    from deeprnn.report import write_report
+    from test_train import write_text
+
+    text = write_text(tmp_path / "tiny.txt")
+    other = tmp_path / "other.txt"
+    other.write_text("the machine and the fire of the room " * 40)
+    flagfile = tmp_path / "tiny.flags"
+    flagfile.write_text("\n".join([
+        f"--corpus=file:{text}", "--batch_size=8", "--num_steps=8", "--num_hiddens=8",
+        "--num_train_steps=6", "--log_every=3", "--eval_every=3", "--checkpoint_every=3",
+        "--eval_batch_size=2", "--optimizer=adam", "--lr=0.01", "--sample_length=5"]))
+    sweep = tmp_path / "two.py"
+    sweep.write_text(f"BASE_FLAGFILE = {str(flagfile)!r}\n\ndef runs():\n"
+                     "    yield 'rnn_l1', {'cell': 'rnn', 'num_layers': 1}\n"
+                     "    yield 'gru_l2', {'cell': 'gru', 'num_layers': 2}, "
+                     f"{{'eval_corpora': ['file:{other}']}}\n")
+    sweep_dir = tmp_path / "runs"
+    assert local.main([f"--sweep={sweep}", f"--sweep_dir={sweep_dir}",
+                       f"--python={sys.executable}"]) == 0
+    for run in ("rnn_l1", "gru_l2"):
+        summary = json.loads((sweep_dir / run / "summary.json").read_text())
+        assert summary["finished"] and summary["steps_done"] == 6
+    scored = json.loads(next((sweep_dir / "gru_l2" / "eval").glob("*.json")).read_text())
+    assert scored["split"] == "test" and scored["perplexity"] > 1
+    report = write_report(str(sweep_dir), str(tmp_path / "report"))
+    assert "| rnn_l1 | rnn | 1 |" in report and "| gru_l2 | gru | 2 |" in report
+    assert (tmp_path / "report" / "validation_perplexity.png").read_bytes()[:4] == b"\x89PNG"
