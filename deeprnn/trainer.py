@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import sys
 import time
 
 import jax
@@ -186,7 +187,8 @@ def _train_with_store(config, workdir, stop, store, is_main, start_time):
         restored, meta = store.restore(resume_step, {"train": state, "carry": carry})
         state, carry = restored["train"], restored["carry"]
         progress = Progress(**meta["progress"])
-        logging.info("resumed from step %d in %s", resume_step, workdir)
+        if is_main:  # the CLI hides INFO logs; a resume is worth one visible line
+            print(f"resuming from step {resume_step} in {workdir}", file=sys.stderr)
     start_step = int(np.asarray(state.step).ravel()[0])
     state, carry = devices.from_logical(state, carry)  # global batch -> this process
 

@@ -366,8 +366,9 @@ def test_command_line_turns_bad_input_into_one_error_line(module, tmp_path):
 def test_local_runner_with_the_real_programs_then_the_report(tmp_path, capsys):
     """Two tiny runs of `python -m deeprnn.train`, one scored by `deeprnn.evaluate` on a text
     by another "author", then `deeprnn.report` over the sweep folder."""
-    from deeprnn.report import write_report
     from test_train import write_text
+
+    from deeprnn.report import write_report
 
     text = write_text(tmp_path / "tiny.txt")
     other = tmp_path / "other.txt"
