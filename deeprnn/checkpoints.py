@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
 from typing import Any
 
@@ -41,12 +42,19 @@ class CheckpointWriteError(RunFailed):
 
 
 def _first_line(err: BaseException) -> str:
-    """The cause in a few words: tensorstore's messages run to kilobytes of JSON, but those
-    of write errors end with the OS error, e.g. `File too large [os_error_code='27']`."""
+    """The cause in a few words. Orbax fails in C++ (tensorstore: kilobytes of JSON with the
+    OS error code inside, e.g. `File too large [os_error_code='27']`) or in Python (an
+    OSError, possibly chained), depending on which file hits the limit first."""
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno:
+            return f"{os.strerror(cause.errno)}, errno {cause.errno}"
+        cause = cause.__cause__ or cause.__context__
     text = str(err).strip()
-    os_error = re.search(r":\s*([^:\[\]]+?)\s*\[os_error_code='?(\d+)", text)
-    if os_error:
-        return f"{os_error.group(1)}, errno {os_error.group(2)}"
+    code = re.search(r"os_error_code='?(\d+)|\[Errno (\d+)\]", text)
+    if code:
+        errno = int(code.group(1) or code.group(2))
+        return f"{os.strerror(errno)}, errno {errno}"
     lines = text.splitlines()
     return f"{type(err).__name__}: {lines[0][:200] if lines else ''}"
 
