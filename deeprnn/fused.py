@@ -267,7 +267,7 @@ class FusedDeepRNN(nn.Module):
                 ys, final = recurrence(xs, layer["W_h"][None], recurrent_bias(layer)[None],
                                        no_w, no_b, state, w_hn([layer]))
                 finals.append(tuple(part[0] for part in final))
-                top = between_layers(cfg, ys, top, index, train)
+                top = models.between_layers(cfg, ys, top, index, train)
         # The scratch model's output layer, time-major, then one transpose of the small logits.
         logits = models.OutputLayer(cfg.vocab_size, cfg.dtype, name="output")(top)
         logits = logits.transpose(1, 0, 2)
@@ -317,17 +317,3 @@ def declare_layers(cfg):
             name=f"layer_{index}", **extra)
         layers.append(holder())
     return layers
-
-
-def between_layers(cfg, ys, inputs, index, train):
-    """The scratch model's connections after layer `index` (deeprnn.models.DeepRNN): residual
-    (layers >= 1), then, except after the last layer, layer norm and dropout. Call inside a
-    compact method: the submodules get the scratch model's names, so the dropout masks match.
-    """
-    if cfg.residual and index > 0:
-        ys = ys + inputs
-    if index < cfg.num_layers - 1:
-        if cfg.layer_norm:
-            ys = nn.LayerNorm(dtype=jnp.float32, name=f"layer_norm_{index}")(ys)
-        ys = nn.Dropout(cfg.dropout, deterministic=not train)(ys)
-    return ys

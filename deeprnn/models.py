@@ -83,6 +83,19 @@ class OutputLayer(nn.Module):
         return cells.matmul(h, kernel, self.compute_dtype) + bias
 
 
+def between_layers(cfg, ys, inputs, index, train):
+    """The connections after layer `index`: residual (layers >= 1), then, except after the
+    last layer, layer norm and dropout. Call inside a compact method; every implementation
+    calls this one, so submodule names (and so dropout masks) match across them."""
+    if cfg.residual and index > 0:
+        ys = ys + inputs
+    if index < cfg.num_layers - 1:
+        if cfg.layer_norm:
+            ys = nn.LayerNorm(dtype=jnp.float32, name=f"layer_norm_{index}")(ys)
+        ys = nn.Dropout(cfg.dropout, deterministic=not train)(ys)
+    return ys
+
+
 class DeepRNN(nn.Module):
     """The stack, the connections between layers and the output layer; subclasses give a layer.
 
@@ -110,13 +123,7 @@ class DeepRNN(nn.Module):
         for layer in range(cfg.num_layers):
             layer_carry, y = self.recurrent_layer(layer, x, carry[layer])
             new_carry.append(layer_carry)
-            if cfg.residual and layer > 0:
-                y = y + x
-            if layer < cfg.num_layers - 1:
-                if cfg.layer_norm:
-                    y = nn.LayerNorm(dtype=jnp.float32, name=f"layer_norm_{layer}")(y)
-                y = nn.Dropout(cfg.dropout, deterministic=not train)(y)
-            x = y
+            x = between_layers(cfg, y, x, layer, train)
         # The output layer is small (V columns), so transposing its result is the cheap place.
         logits = OutputLayer(cfg.vocab_size, cfg.dtype, name="output")(x)
         return logits.transpose(1, 0, 2), tuple(new_carry)
