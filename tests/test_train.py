@@ -209,3 +209,10 @@ def test_evaluate_command_scores_other_text(finished_run, tmp_path):
                          text=True, check=True, cwd=REPO)
     result = json.loads(out.stdout)
     assert result["unk_rate"] > 0 and math.isfinite(result["perplexity"])
+
+
+def test_profile_steps_write_a_trace_for_tensorboard(text_file, tmp_path):
+    run(tiny_argv(text_file, tmp_path, "--num_train_steps=6", "--profile_steps=2,3",
+                  "--eval_every=6", "--checkpoint_every=6"))
+    traces = list((tmp_path / "profile" / "plugins" / "profile").rglob("*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
