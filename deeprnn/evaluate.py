@@ -7,6 +7,7 @@ training.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 
@@ -74,7 +75,7 @@ def main(argv):
                      "data_dir": FLAGS.data_dir or run.config.data_dir}
         if FLAGS.split == "all":
             overrides.update(split="1,0,0", max_tokens=0)
-        config = run.config.__class__(**{**run.config.__dict__, **overrides})
+        config = dataclasses.replace(run.config, **overrides)
         splits = load_splits(config, run.vocab)
         ids = splits.train if FLAGS.split == "all" else getattr(splits, FLAGS.split)
         result = evaluate_ids(single_device_eval_fn(run.model_config), run.model_config,

@@ -13,6 +13,7 @@ import math
 from absl import flags
 
 from deeprnn.errors import UsageError
+from deeprnn.vocab import parse_split
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,14 +69,7 @@ class RunConfig:
     process_id: int = -1
 
     def split_fractions(self) -> tuple[float, float, float]:
-        try:
-            parts = tuple(float(p) for p in self.split.split(","))
-        except ValueError:
-            parts = ()
-        if len(parts) != 3 or min(parts, default=-1) < 0 or not math.isclose(sum(parts), 1.0):
-            raise UsageError(f"--split={self.split!r} must be three fractions train,validation,"
-                             "test that add up to 1, e.g. --split=0.9,0.05,0.05")
-        return parts  # type: ignore[return-value]
+        return parse_split(self.split)
 
 
 # Flags whose change makes a checkpoint unusable (other parameter shapes, other data or data

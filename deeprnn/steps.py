@@ -35,9 +35,7 @@ class TrainState:
 
 
 def make_learning_rate(lr: float, schedule: str, num_train_steps: int, warmup_steps: int = 0):
-    """An optax schedule; `constant` is the book's."""
-    if lr <= 0 or not math.isfinite(lr):
-        raise UsageError(f"--lr must be a positive number, got {lr}; pass e.g. --lr=2")
+    """An optax schedule; `constant` is the book's. (Flag values are checked in flags.py.)"""
     if schedule == "constant":
         return optax.constant_schedule(lr)
     if schedule == "cosine":
@@ -55,8 +53,6 @@ def make_optimizer(name: str, learning_rate, clip_norm: float, *,
     With `skip_nonfinite`, an update whose gradient holds a NaN or inf is dropped (the
     parameters stay as they were) and optax counts it in the state.
     """
-    if clip_norm <= 0:
-        raise UsageError(f"--clip_norm must be positive, got {clip_norm}; the book uses 1")
     if name == "sgd":
         opt = optax.sgd(learning_rate)
     elif name == "adam":

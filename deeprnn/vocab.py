@@ -143,8 +143,8 @@ def check_split(split: Sequence[float]) -> tuple[float, float, float]:
         raise UsageError(f"split {split} must be three non-negative fractions (train, validation,"
                          " test), e.g. 0.9,0.05,0.05")
     if abs(sum(split) - 1.0) > 1e-6:
-        raise UsageError(f"split fractions {split} add up to {sum(split):g}, not 1;"
-                         " e.g. 0.9,0.05,0.05 or 1,0,0")
+        raise UsageError(f"split fractions {split} must add up to 1 (they add up to "
+                         f"{sum(split):g}); e.g. 0.9,0.05,0.05 or 1,0,0")
     return split  # type: ignore[return-value]
 
 
