@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deeprnn import jax_setup, models, multistep, steps
+from deeprnn import bench_e2e, jax_setup, models, multistep, steps
 from deeprnn.errors import UsageError, exit_on_usage_error
 from deeprnn.fused import FusedDeepRNN
 
@@ -74,10 +74,11 @@ def parse_args(argv):
                    "(wavefront:1,layerwise:8:autodiff)")
     p.add_argument("--no_cache", action="store_true", help="skip the persistent compile cache")
     p.add_argument("--e2e", default=None, metavar="TIME_MACHINE_TXT",
-                   help="instead of the step table: the book's recipe end to end in PyTorch "
-                   "(d2l train_ch8) on this text file; compare with `python -m deeprnn.train "
-                   "--flagfile=experiments/d2l_lstm.flags`")
+                   help="instead of the step table: the book's recipe end to end, deeprnn "
+                   "(cold and warm compile cache) against PyTorch's d2l train_ch8, each a "
+                   "timed process (deeprnn.bench_e2e)")
     p.add_argument("--e2e_epochs", type=int, default=500)
+    p.add_argument("--e2e_flagfile", default=bench_e2e.RECIPE)
     p.add_argument("--torch_threads", type=int, default=0,
                    help="torch.set_num_threads on a CPU (0: torch's default). On a loaded CPU "
                    "torch's OpenMP threads can spin against other processes; 1 avoids that")
@@ -224,22 +225,6 @@ def _set_torch_threads(args) -> None:
         torch.set_num_threads(args.torch_threads)
 
 
-def run_end_to_end(args) -> dict:
-    if not torch_available():
-        raise UsageError("--e2e needs torch: pip install '.[bench]'")
-    from deeprnn import bench_torch
-
-    _set_torch_threads(args)
-    bench_torch.set_precision(args.matmul_precision)
-    row = {"implementation": "torch-d2l-train_ch8", "config": "d2l_lstm recipe",
-           **bench_torch.d2l_recipe_end_to_end(args.e2e, num_epochs=args.e2e_epochs)}
-    print(f"{row['implementation']}: {row['epochs']} epochs in {row['wall_s']:.1f} s on "
-          f"{row['device']}, train perplexity {row['train_perplexity']:.2f}, "
-          f"sample {row['sample']!r}")
-    _write_json(args.json, [row])
-    return row
-
-
 def _torch_precision(args, on_gpu) -> str:
     if args.dtype == "bfloat16":
         return "autocast bf16"
@@ -255,8 +240,15 @@ def _write_json(path, rows) -> None:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    # For every row, torch's included: the same process, the same allocator settings.
+    heap_pad = jax_setup.keep_freed_host_memory()
     if args.e2e:
-        return [run_end_to_end(args)]
+        rows = bench_e2e.run_end_to_end(args.e2e, epochs=args.e2e_epochs,
+                                        flagfile=args.e2e_flagfile,
+                                        torch_threads=args.torch_threads, device=device_name())
+        _write_json(args.json, rows)
+        print(bench_e2e.format_table(rows))
+        return rows
     if not args.no_cache:
         jax_setup.enable_compilation_cache()
     jax.config.update("jax_default_matmul_precision",
@@ -281,7 +273,8 @@ def main(argv=None) -> list[dict]:
         parts = spec.split(":")
         variants.append((parts[0], int(parts[1]), parts[2:] != ["autodiff"]))
     print(f"device: {device_name()}  jax {jax.__version__}  dtype {args.dtype}  "
-          f"matmul precision {precision}  load {os.getloadavg()[0]:.1f}", flush=True)
+          f"matmul precision {precision}  load {os.getloadavg()[0]:.1f}  "
+          f"host heap pad {'on' if heap_pad else 'off'}", flush=True)
     rows = []
     for config in args.configs.split(","):
         for shape in CONFIGS[config]:

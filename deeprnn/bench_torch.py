@@ -13,7 +13,9 @@ Imported only when torch is installed (`pip install .[bench]`).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
 import time
 
 import numpy as np
@@ -241,3 +243,24 @@ def d2l_recipe_end_to_end(corpus_path: str, *, num_epochs: int = 500, batch_size
     return {"wall_s": time.perf_counter() - start, "epochs": num_epochs,
             "train_perplexity": perplexity, "sample": predict("time traveller"),
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+
+
+def main(argv=None) -> dict:
+    """`python -m deeprnn.bench_torch TEXT`: the recipe end to end; prints one JSON line (run as
+    its own process by deeprnn.bench_e2e, so that its wall time includes torch's import)."""
+    p = argparse.ArgumentParser(prog="python -m deeprnn.bench_torch",
+                                description="d2l's train_ch8 deep-LSTM recipe in PyTorch")
+    p.add_argument("text", help="time_machine.txt")
+    p.add_argument("--epochs", type=int, default=500)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    set_precision("highest")
+    result = d2l_recipe_end_to_end(args.text, num_epochs=args.epochs)
+    print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -8,6 +8,7 @@ value in the file.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 
 from absl import flags
@@ -61,6 +62,7 @@ class RunConfig:
     sample_prefix: str = "time traveller"
     sample_length: int = 50
     profile_steps: str = ""
+    tensorboard: bool = True
     # devices and hosts
     parallel: str = "shard_map"
     multihost: bool = False
@@ -134,6 +136,8 @@ _HELP = {
     "sample_prefix": "Prefix that samples start from.",
     "sample_length": "Characters generated per sample.",
     "profile_steps": "A,B: write a jax.profiler trace of steps A to B into the workdir.",
+    "tensorboard": "Write TensorBoard events (needs tensorboardX); --notensorboard keeps only "
+                   "metrics.jsonl and summary.json (e.g. on machines without tensorboardX).",
     "parallel": "How the step maps over devices: shard_map (jit over jax.shard_map, fastest) "
                 "or pmap; both give the same numbers.",
     "multihost": "Call jax.distributed.initialize() first (Cloud TPU pod slices: arguments "
@@ -216,6 +220,9 @@ def validate(config: RunConfig) -> RunConfig:
         if getattr(config, name) % config.steps_per_call:
             raise UsageError(f"--{name}={getattr(config, name)} must be a multiple of "
                              f"--steps_per_call={config.steps_per_call}")
+    if config.tensorboard and importlib.util.find_spec("tensorboardX") is None:
+        raise UsageError("--tensorboard needs tensorboardX, which is not installed: pip install "
+                         "tensorboardX, or pass --notensorboard to write metrics.jsonl only")
     config.split_fractions()
     profile_steps(config)
     return config

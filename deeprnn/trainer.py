@@ -19,7 +19,7 @@ from deeprnn.errors import UsageError
 from deeprnn.evaluate import evaluate_ids
 from deeprnn.flags import RunConfig, model_flag_differences, profile_steps
 from deeprnn.generation import generate
-from deeprnn.jax_setup import enable_compilation_cache
+from deeprnn.jax_setup import enable_compilation_cache, keep_freed_host_memory
 from deeprnn.lifecycle import Preempted, RunFailed, StopSignals, WorkdirLock, fault_point
 from deeprnn.parallel import DataParallel, start_multihost
 from deeprnn.run_info import run_metadata
@@ -99,6 +99,7 @@ def train_and_evaluate(config: RunConfig, workdir: str) -> dict:
     is locked for the whole run (process 0's lock on multi-host runs).
     """
     enable_compilation_cache()
+    keep_freed_host_memory()
     start_multihost(config.multihost, config.coordinator_address, config.num_processes,
                     config.process_id)
     multihost = jax.process_count() > 1
@@ -200,7 +201,7 @@ def _train_with_store(config, workdir, stop, store, is_main, start_time):
         return devices.on_one_device(logical_params())
 
     # resume_step=-1 clears logs left by a run that crashed before its first checkpoint.
-    writer = RunWriter(workdir, enabled=is_main,
+    writer = RunWriter(workdir, enabled=is_main, tensorboard=config.tensorboard,
                        resume_step=start_step if resume_step is not None else -1)
     meta_info = run_metadata(config, model_config, local_params(), splits, num_train_steps)
     writer.hparams({k: v for k, v in dataclasses.asdict(config).items() if v is not None},

@@ -118,10 +118,15 @@ class RunWriter:
 
     EVENTS_FLUSH_EVERY_S = 30.0
 
-    def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int | None = None):
+    def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int | None = None,
+                 tensorboard: bool = True):
         self.workdir = os.fspath(workdir)
         self.enabled = enabled
+        self.tensorboard = tensorboard
         self._closed = not enabled
+        self._events = None
+        self._local_event_dir = None
+        self._session_end = None
         if not enabled:
             return
         self._workdir_path = epath.Path(self.workdir)
@@ -133,7 +138,8 @@ class RunWriter:
             if len(kept) != len(self._records):
                 self._records = kept
                 self._write_metrics()
-        self._session_end = None
+        if not tensorboard:  # metrics.jsonl and summary.json only (--notensorboard)
+            return
         purge_step = self._purge_step(resume_step)
 
         from tensorboardX.event_file_writer import EventsWriter  # Lazy: see the module docstring.
@@ -160,14 +166,14 @@ class RunWriter:
         written at the same step as the previous call join that step's record."""
         if self._closed:
             return
-        from tensorboardX.proto.summary_pb2 import Summary
-
         step = int(step)
         values = {tag: float(value) for tag, value in values.items()}
-        summary = Summary(
-            value=[Summary.Value(tag=tag, simple_value=value) for tag, value in values.items()]
-        )
-        self._write_event(step, summary=summary)
+        if self._events is not None:
+            from tensorboardX.proto.summary_pb2 import Summary
+
+            summary = Summary(value=[Summary.Value(tag=tag, simple_value=value)
+                                     for tag, value in values.items()])
+            self._write_event(step, summary=summary)
         if self._records and self._records[-1].get("step") == step:
             self._records[-1].update(values)
         else:
@@ -176,7 +182,7 @@ class RunWriter:
     def texts(self, step: int, values: dict[str, str]) -> None:
         """TensorBoard text under exactly the given tags (e.g. `samples/time traveller`):
         tensorboardX's add_text would append `/text_summary` to each tag."""
-        if self._closed:
+        if self._closed or self._events is None:
             return
         from tensorboardX.proto.plugin_text_pb2 import TextPluginData
         from tensorboardX.proto.summary_pb2 import Summary, SummaryMetadata
@@ -206,7 +212,7 @@ class RunWriter:
         them into a new sub-run named by the time, which splits every run of a sweep in two.
         Values other than bool, number and str are shown by their str (tuples, None, paths).
         """
-        if self._closed:
+        if self._closed or self._events is None:
             return
         from tensorboardX.summary import hparams as hparams_summaries
 
@@ -234,7 +240,8 @@ class RunWriter:
             # The HParams dashboard shows a run as finished once this is written.
             self._write_event(0, summary=self._session_end)
         self.flush()
-        self._events.close()
+        if self._events is not None:
+            self._events.close()
         self._closed = True
         if self._local_event_dir:
             shutil.rmtree(self._local_event_dir, ignore_errors=True)
@@ -266,6 +273,8 @@ class RunWriter:
                 self._flush_events()
 
     def _flush_events(self) -> None:
+        if self._events is None:
+            return
         self._events.flush()  # file flush + fsync
         self._events_flushed_at = time.monotonic()
 

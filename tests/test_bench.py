@@ -1,8 +1,9 @@
-"""deeprnn.bench end to end on a tiny config, in process (no subprocess start-up)."""
+"""deeprnn.bench on a tiny config, in process; its --e2e mode starts training processes."""
 
 import json
 
 import pytest
+from conftest import SHARED_CORPORA
 
 from deeprnn import bench
 from deeprnn.errors import UsageError
@@ -30,3 +31,32 @@ def test_bench_writes_rows_with_equal_losses(tmp_path, capsys):
 def test_bench_rejects_unknown_config():
     with pytest.raises(UsageError, match="--configs"):
         bench.main(["--configs=huge"])
+
+
+@pytest.mark.skipif(not (SHARED_CORPORA / "time_machine.txt").is_file(),
+                    reason="no shared corpus mirror")
+def test_end_to_end_times_cold_and_warm_training_processes(tmp_path):
+    """deeprnn's training program run twice as processes (fresh, then filled compile cache)
+    on a tiny recipe, with TensorBoard off; the torch row joins where torch is installed."""
+    recipe = tmp_path / "tiny.flags"
+    recipe.write_text("\n".join([
+        "--corpus=time_machine", "--preprocess=d2l_lines", "--max_tokens=1200", "--split=1,0,0",
+        "--sampler=sequential", "--batch_size=4", "--num_steps=8", "--num_hiddens=8",
+        "--log_every=2", "--sample_length=5"]) + "\n")
+    out = tmp_path / "e2e.json"
+    rows = bench.main([f"--e2e={SHARED_CORPORA / 'time_machine.txt'}", "--e2e_epochs=1",
+                       f"--e2e_flagfile={recipe}", f"--json={out}"])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(rows))
+    names = [r["implementation"] for r in rows]
+    assert names[:2] == ["deeprnn (cold compile cache)", "deeprnn (warm compile cache)"]
+    assert names[2:] == (["torch-d2l-train_ch8"] if bench.torch_available() else [])
+    for row in rows:
+        assert row["wall_s"] > 0 and row["epochs"] == 1 and row["train_perplexity"] > 1
+    assert rows[0]["impl"] == "fused"  # the default: the recipe runs the fast path
+
+
+def test_end_to_end_refuses_another_text_file(tmp_path):
+    other = tmp_path / "book.txt"
+    other.write_text("some text\n")
+    with pytest.raises(UsageError, match="time_machine.txt"):
+        bench.main([f"--e2e={other}"])

@@ -9,6 +9,7 @@ import math
 import pathlib
 import subprocess
 import sys
+from importlib.util import find_spec
 
 import jax
 import jax.numpy as jnp
@@ -172,6 +173,22 @@ def test_bad_flags_are_refused(extra, message, text_file, tmp_path):
         run(tiny_argv(text_file, tmp_path, *extra))
     assert not (tmp_path / "checkpoints").exists() or not any(
         (tmp_path / "checkpoints").iterdir())
+
+
+def test_training_without_tensorboardx(text_file, tmp_path, monkeypatch):
+    """The lent GPU machines have no tensorboardX: --notensorboard trains and keeps
+    metrics.jsonl; without it the run is refused before anything is written, naming the fix."""
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)
+    monkeypatch.setattr("importlib.util.find_spec",
+                        lambda name, *a: None if name == "tensorboardX" else find_spec(name, *a))
+    with pytest.raises(UsageError, match="--notensorboard"):
+        run(tiny_argv(text_file, tmp_path / "refused", "--num_train_steps=10"))
+    assert not (tmp_path / "refused").exists()
+    workdir = tmp_path / "run"
+    run(tiny_argv(text_file, workdir, "--num_train_steps=10", "--eval_every=10",
+                  "--checkpoint_every=10", "--notensorboard"))
+    assert [r["step"] for r in read_metrics(str(workdir)) if "train/loss" in r] == [5, 10]
+    assert not [p for p in workdir.iterdir() if "tfevents" in p.name]
 
 
 def test_resume_with_other_model_flags_is_refused(finished_run, text_file):

@@ -126,6 +126,20 @@ def test_disabled_writer_writes_nothing(tmp_path):
     assert not workdir.exists()
 
 
+def test_writer_without_tensorboard_keeps_metrics_and_imports_no_tensorboardx(tmp_path,
+                                                                             monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # any import of it now fails
+    workdir = tmp_path / "run"
+    with RunWriter(str(workdir), tensorboard=False) as writer:
+        writer.hparams({"lr": 1.0}, ["validation/perplexity"])
+        writer.scalars(1, {"train/loss": 2.5})
+        writer.texts(1, {SAMPLE_TAG: "x"})
+        writer.scalars(2, {"train/loss": 2.0})
+    assert read_metrics(str(workdir)) == [{"step": 1, "train/loss": 2.5},
+                                          {"step": 2, "train/loss": 2.0}]
+    assert not [p for p in workdir.iterdir() if "tfevents" in p.name]
+
+
 def test_summary_is_rewritten_atomically(tmp_path):
     write_summary(str(tmp_path), {"steps_done": 1, "best": {"validation/perplexity": 9.5}})
     write_summary(str(tmp_path), {"steps_done": 2, "devices": ("cpu:0",)})

@@ -1,0 +1,111 @@
+"""The book's recipe end to end: deeprnn's training program against d2l's train_ch8 in PyTorch.
+
+    python -m deeprnn.bench --e2e=PATH/time_machine.txt [--e2e_epochs=500] [--json=FILE]
+
+Three processes, each timed from launch to exit (interpreter start, imports, compilation and
+every epoch included), so all three are measured alike:
+- deeprnn, cold: `python -m deeprnn.train --flagfile=experiments/d2l_lstm.flags` with an empty
+  JAX compilation cache (a fresh folder);
+- deeprnn, warm: the same command again, reading the cache the cold run filled;
+- PyTorch: `python -m deeprnn.bench_torch` (d2l's train_ch8: sequential batches, a host sync
+  and a Python clipping loop per batch, a greedy sample every 10 epochs).
+Both train on the same 10,000 characters (d2l 0.17's loader); the train perplexity of each is
+reported as the proof that they did the same job. The deeprnn runs pass --notensorboard, so the
+comparison also runs where tensorboardX is absent (the lent GPU machines).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+from deeprnn.errors import UsageError
+from deeprnn.writers import read_summary
+
+RECIPE = "experiments/d2l_lstm.flags"
+
+
+def _timed(cmd: list[str], env: dict[str, str]) -> tuple[float, subprocess.CompletedProcess]:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise RuntimeError(f"{' '.join(cmd[1:4])} exited {proc.returncode}: {last}")
+    return wall, proc
+
+
+def check_inputs(text_path: str, flagfile: str) -> pathlib.Path:
+    text = pathlib.Path(text_path)
+    if text.name != "time_machine.txt" or not text.is_file():
+        raise UsageError(f"--e2e={text_path} is not a file named time_machine.txt: give the "
+                         "mirror's copy, e.g. --e2e=../shared/corpora/time_machine.txt")
+    if not pathlib.Path(flagfile).is_file():
+        raise UsageError(f"the recipe {flagfile} is not there: run the benchmark from the "
+                         "repository root, or pass --e2e_flagfile")
+    return text
+
+
+def run_end_to_end(text_path: str, *, epochs: int, flagfile: str = RECIPE,
+                   torch_threads: int = 0, device: str = "") -> list[dict]:
+    """Rows {implementation, config, device, wall_s, epochs, train_perplexity, speedup_vs_torch}
+    in the order deeprnn cold, deeprnn warm, PyTorch. A side that fails is reported on stderr
+    and left out; the others are kept."""
+    text = check_inputs(text_path, flagfile)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="deeprnn-e2e-") as tmp:
+        env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": os.path.join(tmp, "jax_cache")}
+        for label in ("cold", "warm"):
+            workdir = os.path.join(tmp, label)
+            cmd = [sys.executable, "-m", "deeprnn.train", f"--flagfile={flagfile}",
+                   f"--workdir={workdir}", f"--data_dir={text.parent}",
+                   f"--num_epochs={epochs}", "--notensorboard"]
+            try:
+                wall, _ = _timed(cmd, env)
+            except RuntimeError as err:
+                print(f"deeprnn {label}: failed: {err}", file=sys.stderr, flush=True)
+                continue
+            summary = read_summary(workdir)
+            rows.append({"implementation": f"deeprnn ({label} compile cache)",
+                         "device": device, "wall_s": wall, "epochs": epochs,
+                         "train_perplexity": summary["last"].get("train/perplexity"),
+                         "impl": summary.get("flags", {}).get("impl")})
+            _print(rows[-1])
+        cmd = [sys.executable, "-m", "deeprnn.bench_torch", str(text), f"--epochs={epochs}",
+               f"--threads={torch_threads}"]
+        try:
+            wall, proc = _timed(cmd, dict(os.environ))
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            rows.append({"implementation": "torch-d2l-train_ch8", "wall_s": wall,
+                         "epochs": epochs, "train_perplexity": result["train_perplexity"],
+                         "device": result["device"], "sample": result["sample"]})
+            _print(rows[-1])
+        except RuntimeError as err:
+            print(f"torch: failed: {err}", file=sys.stderr, flush=True)
+    torch_wall = next((r["wall_s"] for r in rows if r["implementation"].startswith("torch")),
+                      None)
+    for row in rows:
+        row["config"] = "d2l_lstm recipe"
+        row["speedup_vs_torch"] = None if torch_wall is None else torch_wall / row["wall_s"]
+    return rows
+
+
+def _print(row) -> None:
+    print(f"  {row['implementation']}: {row['wall_s']:.1f} s for {row['epochs']} epochs, "
+          f"train perplexity {row['train_perplexity']:.2f}", flush=True)
+
+
+def format_table(rows) -> str:
+    lines = [f"{'implementation':30} {'wall s':>8} {'speed-up vs torch':>18} {'train ppl':>10}",
+             "-" * 69]
+    for row in rows:
+        speedup = row["speedup_vs_torch"]
+        lines.append(f"{row['implementation']:30} {row['wall_s']:8.1f} "
+                     f"{'-' if speedup is None else f'{speedup:.2f}x':>18} "
+                     f"{row['train_perplexity']:10.2f}")
+    return "\n".join(lines)
