@@ -8,13 +8,15 @@ state per batch (d2l's random sampler), on random tokens (no corpus needed: this
 neither tensorflow_datasets nor tensorboardX, which the GPU machines lack). Every row starts from
 the same initial parameters and sees the same batches; `loss_after_k` is each row's loss at step
 k, so equal losses show the rows do the same work. Compile / warm-up time is excluded from
-ms_per_step and reported; ms_per_step is the median over repeats, clocks read after
+ms_per_step and reported; ms_per_step is the median over repeats (taken round the rows in
+turn, so that load changes hit every row alike), clocks read after
 block_until_ready / torch.cuda.synchronize. `fused` runs --steps_per_call steps per jitted call
 (deeprnn.multistep, batches resident on the device); scratch and flax run one jitted step per call.
 compile_s: JAX rows, lowering + compiling the call (near zero on a warm persistent cache: pass
 --no_cache for a cold number); torch rows, the first k steps (cuDNN plans, allocator warm-up).
 peak_mem_bytes: JAX rows, XLA's buffer total of the compiled call (arguments + outputs +
-temporaries); torch rows, torch.cuda.max_memory_allocated (none on a CPU).
+temporaries); torch rows, torch.cuda.max_memory_allocated over the warm-up less what was
+allocated before the row was built (none on a CPU).
 """
 
 from __future__ import annotations
@@ -123,10 +125,12 @@ def model_config(shape: Shape, impl: str, dtype: str) -> models.ModelConfig:
                               compute_dtype=dtype)
 
 
-def run_jax(impl: str, shape: Shape, base_params, stream, starts, args, *, schedule="auto",
-            unroll=None, hand_vjp=True) -> dict:
-    """Times one deeprnn row: `fused` through multistep (steps_per_call per call), others one
-    jitted step per call. The first k = steps_per_call steps give loss_after_k."""
+def prepare_jax(impl: str, shape: Shape, base_params, stream, starts, args, *,
+                schedule="auto", unroll=None, hand_vjp=True):
+    """One deeprnn row, compiled and warmed up: (facts, time_repeat). `fused` runs through
+    multistep (steps_per_call per call), the others one jitted step per call. The first
+    k = steps_per_call steps give loss_after_k; time_repeat() runs args.steps more and returns
+    seconds per step."""
     cfg = model_config(shape, impl, args.dtype)
     if impl == "fused":
         model = FusedDeepRNN(cfg, schedule=schedule, unroll=unroll, hand_vjp=hand_vjp)
@@ -170,28 +174,44 @@ def run_jax(impl: str, shape: Shape, base_params, stream, starts, args, *, sched
 
     run_calls(k // spc)
     loss_k = float(losses["loss_sum"][-1] / losses["tokens"][-1])
-    times = []
-    for _ in range(args.repeats):
+
+    def time_repeat() -> float:
         start = time.perf_counter()
         run_calls(args.steps // spc)
-        times.append((time.perf_counter() - start) / args.steps)
-    return {"ms_per_step": 1e3 * float(np.median(times)), "compile_s": compile_s,
-            "peak_mem_bytes": mem, "loss_after_k": loss_k, "steps_per_call": spc,
-            "device": device_name()}
+        return (time.perf_counter() - start) / args.steps
+
+    return {"compile_s": compile_s, "peak_mem_bytes": mem, "loss_after_k": loss_k,
+            "steps_per_call": spc, "device": device_name()}, time_repeat
 
 
-def run_row(impl: str, shape: Shape, base_params, stream, starts, args, variant=None) -> dict:
+def prepare_row(impl: str, shape: Shape, base_params, stream, starts, args, variant=None):
     if impl.startswith("torch"):
         from deeprnn import bench_torch
 
         xs, ys = host_batches(stream, starts, shape.steps)
-        return bench_torch.run_torch(impl.removeprefix("torch-"), shape, base_params, xs, ys,
-                                     dtype=args.dtype, lr=LR, clip=CLIP, k=args.steps_per_call,
-                                     steps=args.steps, repeats=args.repeats)
+        return bench_torch.prepare_torch(impl.removeprefix("torch-"), shape, base_params, xs,
+                                         ys, dtype=args.dtype, lr=LR, clip=CLIP,
+                                         k=args.steps_per_call, steps=args.steps)
     if variant is not None:
-        return run_jax("fused", shape, base_params, stream, starts, args, schedule=variant[0],
-                       unroll=variant[1], hand_vjp=variant[2])
-    return run_jax(impl, shape, base_params, stream, starts, args)
+        return prepare_jax("fused", shape, base_params, stream, starts, args,
+                           schedule=variant[0], unroll=variant[1], hand_vjp=variant[2])
+    return prepare_jax(impl, shape, base_params, stream, starts, args)
+
+
+def time_rows(prepared: dict, repeats: int, label: str) -> dict[str, float]:
+    """Median ms/step of each prepared row. The repeats go round the rows in turn, so a
+    change in the machine's load (other jobs, clocks) falls on every row alike, and the
+    ratios between rows stay honest on a shared machine. A row that fails is dropped."""
+    times = {name: [] for name in prepared}
+    for _ in range(repeats):
+        for name, (_, time_repeat) in list(prepared.items()):
+            try:
+                times[name].append(time_repeat())
+            except Exception as err:  # one failing row must not lose the others
+                print(f"{label} {name}: failed: {type(err).__name__}: {err}",
+                      file=sys.stderr, flush=True)
+                del prepared[name]
+    return {name: 1e3 * float(np.median(times[name])) for name in prepared}
 
 
 def torch_available() -> bool:
@@ -286,14 +306,18 @@ def main(argv=None) -> list[dict]:
             todo = [(impl, None) for impl in impls] + [
                 (f"fused({s},u{u}{'' if h else ',autodiff'})", (s, u, h))
                 for s, u, h in variants]
-            config_rows = []
+            prepared = {}
             for impl, variant in todo:
                 try:
-                    result = run_row(impl, shape, base, stream, starts, args, variant)
+                    prepared[impl] = prepare_row(impl, shape, base, stream, starts, args,
+                                                 variant)
                 except Exception as err:  # one failing row must not lose the others
                     print(f"{shape.name} {impl}: failed: {type(err).__name__}: {err}",
                           file=sys.stderr, flush=True)
-                    continue
+            ms_per_step = time_rows(prepared, args.repeats, shape.name)
+            config_rows = []
+            for impl, ms in ms_per_step.items():
+                result = {"ms_per_step": ms, **prepared[impl][0]}
                 tokens = shape.batch * shape.steps
                 row = {"implementation": impl, "config": shape.name, **result,
                        "tokens_per_sec": tokens / (result["ms_per_step"] / 1e3),

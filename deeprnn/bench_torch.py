@@ -96,10 +96,13 @@ def set_precision(matmul_precision: str) -> str:
     return "tf32" if tf32 else "float32"
 
 
-def run_torch(style: str, shape, params, xs: np.ndarray, ys: np.ndarray, *, dtype: str,
-              lr: float, clip: float, k: int, steps: int, repeats: int) -> dict:
-    """Times one torch row. xs, ys int32 [P, B, T] host batches (cycled)."""
+def prepare_torch(style: str, shape, params, xs: np.ndarray, ys: np.ndarray, *, dtype: str,
+                  lr: float, clip: float, k: int, steps: int):
+    """One torch row, warmed up: (facts, time_repeat). xs, ys int32 [P, B, T] host batches
+    (cycled). time_repeat() runs `steps` more steps and returns seconds per step."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # This row's own memory: the other rows of the run may hold theirs on the same device.
+    before = torch.cuda.memory_allocated() if device.type == "cuda" else 0
     model = TorchRNNLM(shape.cell, shape.vocab, shape.hidden, shape.layers).to(device)
     load_scratch_params(model, params, shape.cell)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
@@ -145,23 +148,27 @@ def run_torch(style: str, shape, params, xs: np.ndarray, ys: np.ndarray, *, dtyp
         loss_k = step(i)
     _sync(device)
     warmup_s = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        for i in range(steps):
-            step(k + i)
-        _sync(device)
-        times.append((time.perf_counter() - start) / steps)
-    return {
-        "ms_per_step": 1e3 * float(np.median(times)),
+    facts = {
         "compile_s": warmup_s,
-        "peak_mem_bytes": (int(torch.cuda.max_memory_allocated()) if device.type == "cuda"
-                           else None),
+        "peak_mem_bytes": (int(torch.cuda.max_memory_allocated()) - before
+                           if device.type == "cuda" else None),
         "loss_after_k": float(loss_k),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch_threads": torch.get_num_threads(),
     }
+    done = k
+
+    def time_repeat() -> float:
+        nonlocal done
+        _sync(device)
+        start = time.perf_counter()
+        for i in range(steps):
+            step(done + i)
+        _sync(device)
+        done += steps
+        return (time.perf_counter() - start) / steps
+
+    return facts, time_repeat
 
 
 def d2l_time_machine_corpus(path: str, max_tokens: int = 10000):

@@ -43,10 +43,12 @@ SCHEDULES = ("auto", "wavefront", "layerwise")
 # (unroll 2) / 2.18 (unroll 1); 4 layers wavefront 2.81-3.00 vs layerwise-unroll-8 3.31.
 # Measured at the d2l shape only: large, compute-bound shapes may prefer layerwise.
 WAVEFRONT_MIN_LAYERS = 4
-# Scan unroll by (backend, schedule). CPU (d2l shape, 2 cores): unroll 1 beat 2/4/8 for both
-# schedules. GPU (H200, d2l shape): layerwise unroll 8 1.66 ms, 4 1.75, 1 2.47; the wavefront
-# was timed at unroll 1 at 4 layers (where it wins) and at 1 and 2 at 2 layers (2 was faster).
-DEFAULT_UNROLL = {("cpu", "layerwise"): 1, ("cpu", "wavefront"): 1,
+# Scan unroll by (backend, schedule). CPU (d2l shape, 2 cores, deeprnn.bench with
+# --fused_variants, ms/step): layerwise unroll 2 41.1-43.5, 1 43.9-45.4, 4 45.4, 5 46.4,
+# 7 54.2; the wavefront (unroll 1) 47.9. GPU (H200, d2l shape): layerwise unroll 8 1.66 ms,
+# 4 1.75, 1 2.47; the wavefront was timed at unroll 1 at 4 layers (where it wins) and at 1 and
+# 2 at 2 layers (2 was faster).
+DEFAULT_UNROLL = {("cpu", "layerwise"): 2, ("cpu", "wavefront"): 1,
                   ("gpu", "layerwise"): 8, ("gpu", "wavefront"): 1}
 
 
