@@ -7,11 +7,13 @@ A step is the book's: cross-entropy loss, gradient, clipping at global norm 1, S
 state per batch (d2l's random sampler), on random tokens (no corpus needed: this module imports
 neither tensorflow_datasets nor tensorboardX, which the GPU machines lack). Every row starts from
 the same initial parameters and sees the same batches; `loss_after_k` is each row's loss at step
-k, so equal losses show the rows do the same work. Compile / warm-up time is excluded from
-ms_per_step and reported; ms_per_step is the median over repeats (taken round the rows in
-turn, so that load changes hit every row alike), clocks read after
-block_until_ready / torch.cuda.synchronize. `fused` runs --steps_per_call steps per jitted call
-(deeprnn.multistep, batches resident on the device); scratch and flax run one jitted step per call.
+k, so equal losses show the rows do the same work. `matmul-floor` is a reference, not a
+peer: the step's matmuls alone as XLA runs them on the device (deeprnn.bench_floor).
+Compile / warm-up time is excluded from ms_per_step and reported; ms_per_step is the median
+over repeats (taken round the rows in turn, so that load changes hit every row alike), clocks
+read after block_until_ready / torch.cuda.synchronize. `fused` runs --steps_per_call steps per
+jitted call (deeprnn.multistep, batches resident on the device); scratch and flax run one
+jitted step per call.
 compile_s: JAX rows, lowering + compiling the call (near zero on a warm persistent cache: pass
 --no_cache for a cold number); torch rows, the first k steps (cuDNN plans, allocator warm-up).
 peak_mem_bytes: JAX rows, XLA's buffer total of the compiled call (arguments + outputs +
@@ -32,9 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deeprnn import bench_e2e, jax_setup, models, multistep, steps
+from deeprnn import bench_e2e, bench_floor, jax_setup, models, multistep, steps
 from deeprnn.errors import UsageError, exit_on_usage_error
-from deeprnn.fused import FusedDeepRNN
+from deeprnn.fused import FusedDeepRNN, default_unroll
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +57,7 @@ CONFIGS = {
     "depth": [Shape(f"depth{n}", 28, 256, n, 32, 35) for n in (1, 2, 4, 8)],
     "tiny": [Shape("tiny", 11, 16, 2, 4, 6)],  # for tests
 }
-IMPLS = ("fused", "scratch", "flax", "torch-d2l-loop", "torch-tight")
+IMPLS = ("fused", "scratch", "flax", "torch-d2l-loop", "torch-tight", "matmul-floor")
 LR, CLIP = 2.0, 1.0  # the book's deep-RNN recipe
 
 
@@ -185,6 +187,9 @@ def prepare_jax(impl: str, shape: Shape, base_params, stream, starts, args, *,
 
 
 def prepare_row(impl: str, shape: Shape, base_params, stream, starts, args, variant=None):
+    if impl == "matmul-floor":
+        return bench_floor.prepare_floor(shape, args.dtype, args.steps,
+                                         default_unroll("layerwise"), device_name())
     if impl.startswith("torch"):
         from deeprnn import bench_torch
 
@@ -234,8 +239,12 @@ def format_table(rows) -> str:
         lines.append(
             f"{r['config']:8} {r['implementation']:30} {r['dtype']:8} {r['matmul_precision']:14} "
             f"{r['ms_per_step']:8.2f} {r['tokens_per_sec']:10.0f} {ratio:>11} "
-            f"{r['compile_s']:9.1f} {mem:>8} {r['loss_after_k']:8.4f}")
+            f"{r['compile_s']:9.1f} {mem:>8} {_loss(r):>8}")
     return "\n".join(lines)
+
+
+def _loss(row) -> str:
+    return "-" if row["loss_after_k"] is None else f"{row['loss_after_k']:.4f}"
 
 
 def _set_torch_threads(args) -> None:
@@ -328,7 +337,7 @@ def main(argv=None) -> list[dict]:
                        "shape": dataclasses.asdict(shape)}
                 config_rows.append(row)
                 print(f"  {shape.name} {impl}: {row['ms_per_step']:.2f} ms/step, "
-                      f"loss@k {row['loss_after_k']:.4f}", flush=True)
+                      f"loss@k {_loss(row)}", flush=True)
                 _write_json(args.json, rows + config_rows)
             base_row = next((r for r in config_rows if r["implementation"] == "torch-d2l-loop"),
                             None)

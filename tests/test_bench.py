@@ -11,10 +11,10 @@ from deeprnn.errors import UsageError
 
 def test_bench_writes_rows_with_equal_losses(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    rows = bench.main(["--configs=tiny", "--impls=fused,scratch", f"--json={out}", "--repeats=2",
-                       "--steps=4", "--steps_per_call=2", "--no_cache"])
+    rows = bench.main(["--configs=tiny", "--impls=fused,scratch,matmul-floor", f"--json={out}",
+                       "--repeats=2", "--steps=4", "--steps_per_call=2", "--no_cache"])
     written = json.loads(out.read_text())
-    assert [r["implementation"] for r in written] == ["fused", "scratch"]
+    assert [r["implementation"] for r in written] == ["fused", "scratch", "matmul-floor"]
     assert written == json.loads(json.dumps(rows))
     for row in written:
         for key in ("implementation", "config", "device", "ms_per_step", "tokens_per_sec",
@@ -25,6 +25,7 @@ def test_bench_writes_rows_with_equal_losses(tmp_path, capsys):
         assert row["ratio_vs_torch_d2l_loop"] is None  # no torch row asked for
     # Same initial parameters, same batches, same steps: the same loss.
     assert written[0]["loss_after_k"] == pytest.approx(written[1]["loss_after_k"], abs=1e-5)
+    assert written[2]["loss_after_k"] is None  # the floor is a reference: it trains nothing
     assert "fused" in capsys.readouterr().out
 
 
