@@ -74,8 +74,10 @@ def parse_args(argv):
     p.add_argument("--steps_per_call", type=int, default=10, help="fused: steps per jitted call")
     p.add_argument("--cell", default="lstm", choices=("lstm", "gru", "rnn"))
     p.add_argument("--fused_variants", default="",
-                   help="extra fused rows, comma list of schedule:unroll[:autodiff] "
-                   "(wavefront:1,layerwise:8:autodiff)")
+                   help="extra fused rows, comma list of schedule:unroll[:autodiff|:generic] "
+                   "(autodiff: JAX's own gradient of the scan; generic: LSTM layers through "
+                   "the general recurrence instead of deeprnn.fused_lstm), e.g. "
+                   "wavefront:1,layerwise:8:generic")
     p.add_argument("--no_cache", action="store_true", help="skip the persistent compile cache")
     p.add_argument("--e2e", default=None, metavar="TIME_MACHINE_TXT",
                    help="instead of the step table: the book's recipe end to end, deeprnn "
@@ -95,6 +97,16 @@ def parse_args(argv):
             raise UsageError(f"--impls: unknown {name!r}; choose from {', '.join(IMPLS)}")
     if args.steps % args.steps_per_call:
         raise UsageError(f"--steps={args.steps} must be a multiple of --steps_per_call")
+    args.variants = []
+    for spec in filter(None, args.fused_variants.split(",")):
+        parts = spec.split(":")
+        mode = parts[2] if len(parts) == 3 else "hand"
+        if (len(parts) not in (2, 3) or parts[0] not in ("wavefront", "layerwise")
+                or not parts[1].isdigit() or int(parts[1]) < 1
+                or mode not in ("hand", "autodiff", "generic")):
+            raise UsageError(f"--fused_variants: {spec!r} is not schedule:unroll[:autodiff|"
+                             ":generic], e.g. layerwise:8 or wavefront:1:autodiff")
+        args.variants.append((parts[0], int(parts[1]), mode))
     return args
 
 
@@ -128,14 +140,15 @@ def model_config(shape: Shape, impl: str, dtype: str) -> models.ModelConfig:
 
 
 def prepare_jax(impl: str, shape: Shape, base_params, stream, starts, args, *,
-                schedule="auto", unroll=None, hand_vjp=True):
+                schedule="auto", unroll=None, hand_vjp=True, lstm_layer=True):
     """One deeprnn row, compiled and warmed up: (facts, time_repeat). `fused` runs through
     multistep (steps_per_call per call), the others one jitted step per call. The first
     k = steps_per_call steps give loss_after_k; time_repeat() runs args.steps more and returns
     seconds per step."""
     cfg = model_config(shape, impl, args.dtype)
     if impl == "fused":
-        model = FusedDeepRNN(cfg, schedule=schedule, unroll=unroll, hand_vjp=hand_vjp)
+        model = FusedDeepRNN(cfg, schedule=schedule, unroll=unroll, hand_vjp=hand_vjp,
+                             lstm_layer=lstm_layer)
         spc = args.steps_per_call
     else:
         model, spc = models.build_model(cfg), 1
@@ -199,7 +212,8 @@ def prepare_row(impl: str, shape: Shape, base_params, stream, starts, args, vari
                                          k=args.steps_per_call, steps=args.steps)
     if variant is not None:
         return prepare_jax("fused", shape, base_params, stream, starts, args,
-                           schedule=variant[0], unroll=variant[1], hand_vjp=variant[2])
+                           schedule=variant[0], unroll=variant[1],
+                           hand_vjp=variant[2] != "autodiff", lstm_layer=variant[2] != "generic")
     return prepare_jax(impl, shape, base_params, stream, starts, args)
 
 
@@ -297,10 +311,6 @@ def main(argv=None) -> list[dict]:
             print("note: torch is not importable; skipping the torch rows "
                   "(pip install '.[bench]')", file=sys.stderr)
             impls = [i for i in impls if not i.startswith("torch")]
-    variants = []
-    for spec in filter(None, args.fused_variants.split(",")):
-        parts = spec.split(":")
-        variants.append((parts[0], int(parts[1]), parts[2:] != ["autodiff"]))
     print(f"device: {device_name()}  jax {jax.__version__}  dtype {args.dtype}  "
           f"matmul precision {precision}  load {os.getloadavg()[0]:.1f}  "
           f"host heap pad {'on' if heap_pad else 'off'}", flush=True)
@@ -313,8 +323,8 @@ def main(argv=None) -> list[dict]:
             base = jax.tree.map(np.asarray, base)
             stream, starts = random_stream(shape, 20)
             todo = [(impl, None) for impl in impls] + [
-                (f"fused({s},u{u}{'' if h else ',autodiff'})", (s, u, h))
-                for s, u, h in variants]
+                (f"fused({s},u{u}{'' if mode == 'hand' else ',' + mode})", (s, u, mode))
+                for s, u, mode in args.variants]
             prepared = {}
             for impl, variant in todo:
                 try:

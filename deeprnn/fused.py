@@ -204,6 +204,8 @@ class FusedDeepRNN(nn.Module):
     schedule: str = "auto"
     unroll: int | None = None
     hand_vjp: bool = True  # False: JAX differentiates the scan (kept to measure the difference)
+    # False: LSTM layers take the general recurrence, not deeprnn.fused_lstm (the same)
+    lstm_layer: bool = True
 
     def chosen_schedule(self) -> str:
         cfg = self.config
@@ -267,7 +269,8 @@ class FusedDeepRNN(nn.Module):
             # general recurrence with one layer.
             lstm_layer = (fused_lstm.make_lstm_layer(cfg.compute_dtype,
                                                      self.unroll or default_unroll(schedule))
-                          if cfg.cell == "lstm" and self.hand_vjp else None)
+                          if cfg.cell == "lstm" and self.hand_vjp and self.lstm_layer
+                          else None)
             no_w = jnp.zeros((0, hidden, gate_width))
             no_b = jnp.zeros((0, gate_width))
             for index, layer in enumerate(layers):

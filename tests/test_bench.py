@@ -34,6 +34,23 @@ def test_bench_rejects_unknown_config():
         bench.main(["--configs=huge"])
 
 
+@pytest.mark.parametrize("spec", ["layerwise", "diagonal:2", "layerwise:0", "layerwise:2:fast"])
+def test_bench_rejects_malformed_fused_variants(spec):
+    with pytest.raises(UsageError, match="--fused_variants"):
+        bench.main([f"--fused_variants={spec}"])
+
+
+def test_fused_variant_rows_do_the_same_work(tmp_path):
+    rows = bench.main(["--configs=tiny", "--impls=fused", "--repeats=1", "--steps=2",
+                       "--steps_per_call=2", "--no_cache",
+                       "--fused_variants=wavefront:1,layerwise:2:generic,layerwise:1:autodiff"])
+    assert [r["implementation"] for r in rows] == [
+        "fused", "fused(wavefront,u1)", "fused(layerwise,u2,generic)",
+        "fused(layerwise,u1,autodiff)"]
+    for row in rows[1:]:
+        assert row["loss_after_k"] == pytest.approx(rows[0]["loss_after_k"], abs=1e-5)
+
+
 @pytest.mark.skipif(not (SHARED_CORPORA / "time_machine.txt").is_file(),
                     reason="no shared corpus mirror")
 def test_end_to_end_times_cold_and_warm_training_processes(tmp_path):
