@@ -122,11 +122,8 @@ class RunWriter:
                  tensorboard: bool = True):
         self.workdir = os.fspath(workdir)
         self.enabled = enabled
-        self.tensorboard = tensorboard
         self._closed = not enabled
-        self._events = None
-        self._local_event_dir = None
-        self._session_end = None
+        self._events = self._local_event_dir = self._session_end = None
         if not enabled:
             return
         self._workdir_path = epath.Path(self.workdir)
@@ -273,9 +270,8 @@ class RunWriter:
                 self._flush_events()
 
     def _flush_events(self) -> None:
-        if self._events is None:
-            return
-        self._events.flush()  # file flush + fsync
+        if self._events is not None:
+            self._events.flush()  # file flush + fsync
         self._events_flushed_at = time.monotonic()
 
     def _write_metrics(self) -> None:
