@@ -95,6 +95,8 @@ def parse_args(argv):
     for name in args.impls.split(","):
         if name not in IMPLS:
             raise UsageError(f"--impls: unknown {name!r}; choose from {', '.join(IMPLS)}")
+        if args.impls.split(",").count(name) > 1:
+            raise UsageError(f"--impls names {name} twice: each row is timed once")
     if args.steps % args.steps_per_call:
         raise UsageError(f"--steps={args.steps} must be a multiple of --steps_per_call")
     args.variants = []
@@ -106,6 +108,8 @@ def parse_args(argv):
                 or mode not in ("hand", "autodiff", "generic")):
             raise UsageError(f"--fused_variants: {spec!r} is not schedule:unroll[:autodiff|"
                              ":generic], e.g. layerwise:8 or wavefront:1:autodiff")
+        if (parts[0], int(parts[1]), mode) in args.variants:
+            raise UsageError(f"--fused_variants names {spec} twice: each row is timed once")
         args.variants.append((parts[0], int(parts[1]), mode))
     return args
 
@@ -283,13 +287,13 @@ def _write_json(path, rows) -> None:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    # For every row, torch's included: the same process, the same allocator settings.
+    # Every row of this process, torch's included, under the same allocator setting (the --e2e
+    # processes set it themselves).
     heap_pad = jax_setup.keep_freed_host_memory()
     if args.e2e:
-        rows = bench_e2e.run_end_to_end(args.e2e, epochs=args.e2e_epochs,
-                                        flagfile=args.e2e_flagfile,
-                                        torch_threads=args.torch_threads, device=device_name())
-        _write_json(args.json, rows)
+        rows = bench_e2e.run_end_to_end(
+            args.e2e, epochs=args.e2e_epochs, flagfile=args.e2e_flagfile,
+            torch_threads=args.torch_threads, on_row=lambda rows: _write_json(args.json, rows))
         print(bench_e2e.format_table(rows))
         return rows
     if not args.no_cache:

@@ -261,6 +261,9 @@ def main(argv=None) -> dict:
     p.add_argument("--epochs", type=int, default=500)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's)")
     args = p.parse_args(argv)
+    from deeprnn.jax_setup import keep_freed_host_memory
+
+    keep_freed_host_memory()  # as in the deeprnn process it is compared with
     if args.threads:
         torch.set_num_threads(args.threads)
     set_precision("highest")

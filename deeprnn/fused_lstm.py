@@ -11,7 +11,8 @@ write down, and writing it lets the step do less:
 - the gate-gradient of every step, dz, is both the gradient of the layer's input projection and
   the operand of the weight gradient: one [T, B, 4H] buffer, where the general path writes two
   identical ones (the input part and the recurrent part of the pre-activation);
-- every elementwise op runs over whole [B, 4H] rows (see `lstm_gates`);
+- the gate activations and the gate gradient dz are computed over whole [B, 4H] rows (see
+  `lstm_gates`);
 - the weight gradient is one matmul over all steps after the scan, and the per-step matmul of the
   backward reads W_h transposed once before the loop.
 

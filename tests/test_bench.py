@@ -32,12 +32,15 @@ def test_bench_writes_rows_with_equal_losses(tmp_path, capsys):
     assert "fused" in capsys.readouterr().out
 
 
-def test_bench_rejects_unknown_config():
+def test_bench_rejects_unknown_config_and_repeated_rows():
     with pytest.raises(UsageError, match="--configs"):
         bench.main(["--configs=huge"])
+    with pytest.raises(UsageError, match="--impls names fused twice"):
+        bench.main(["--impls=fused,scratch,fused"])
 
 
-@pytest.mark.parametrize("spec", ["layerwise", "diagonal:2", "layerwise:0", "layerwise:2:fast"])
+@pytest.mark.parametrize("spec", ["layerwise", "diagonal:2", "layerwise:0", "layerwise:2:fast",
+                                  "layerwise:2,layerwise:2"])
 def test_bench_rejects_malformed_fused_variants(spec):
     with pytest.raises(UsageError, match="--fused_variants"):
         bench.main([f"--fused_variants={spec}"])
@@ -73,7 +76,21 @@ def test_end_to_end_times_cold_and_warm_training_processes(tmp_path):
     assert names[2:] == (["torch-d2l-train_ch8"] if bench.torch_available() else [])
     for row in rows:
         assert row["wall_s"] > 0 and row["epochs"] == 1 and row["train_perplexity"] > 1
+        assert row["speedup_vs_torch"] is None  # torch ran the book's recipe, not this one
     assert rows[0]["impl"] == "fused"  # the default: the recipe runs the fast path
+    assert rows[0]["device"] == "cpu"
+
+
+@pytest.mark.skipif(not (SHARED_CORPORA / "time_machine.txt").is_file(),
+                    reason="no shared corpus mirror")
+def test_end_to_end_keeps_going_when_a_side_fails(tmp_path, capsys):
+    recipe = tmp_path / "broken.flags"
+    recipe.write_text("--num_layers=0\n")
+    rows = bench.main([f"--e2e={SHARED_CORPORA / 'time_machine.txt'}", "--e2e_epochs=1",
+                       f"--e2e_flagfile={recipe}", f"--json={tmp_path / 'e2e.json'}"])
+    assert [r["implementation"] for r in rows] == (
+        ["torch-d2l-train_ch8"] if bench.torch_available() else [])
+    assert capsys.readouterr().err.count("--num_layers must be at least 1") == 2
 
 
 def test_end_to_end_refuses_another_text_file(tmp_path):
