@@ -204,7 +204,8 @@ class FusedDeepRNN(nn.Module):
     schedule: str = "auto"
     unroll: int | None = None
     hand_vjp: bool = True  # False: JAX differentiates the scan (kept to measure the difference)
-    # False: LSTM layers take the general recurrence, not deeprnn.fused_lstm (the same)
+    # False: LSTM layers take the general recurrence instead of deeprnn.fused_lstm (same
+    # results; kept to measure the difference, as `--fused_variants=...:generic` does)
     lstm_layer: bool = True
 
     def chosen_schedule(self) -> str:
