@@ -4,8 +4,10 @@ At the d2l shape a step is short (about 1 ms on a GPU), so per-call dispatch and
 transfers cost as much as the step itself. `deeprnn.steps.train_steps` already runs several
 steps per call (the training loop's --steps_per_call); here the whole token array also lives
 on the device and each call receives only the window starts [S, B] computed from the
-sampler's (seed, step), so S * B integers cross from the host per call instead of 2 * S * B * T.
-The benchmark's `fused` rows run this way.
+sampler's (seed, step), so S * B integers cross from the host per call instead of 2 * S * B * T,
+and the host does no per-step slicing. The training program (through deeprnn.parallel and
+deeprnn.seeds) and the benchmark's `fused` rows both run this way, so the benchmark times the
+step that training runs.
 """
 
 from __future__ import annotations
@@ -27,17 +29,21 @@ def gather_windows(ids, starts, num_steps: int):
     return window[..., :-1], window[..., 1:]
 
 
+def on_device_windows(train_steps_fn: Callable, num_steps: int) -> Callable:
+    """train_steps_fn(state, xs, ys, carry, resets, **kw) -> fn(state, ids, starts, carry,
+    resets, **kw), cutting xs, ys [S, ..., T] from ids [N] at starts [S, ...] on the device."""
+    def run(state, ids, starts, carry, resets, **kwargs):
+        xs, ys = gather_windows(ids, starts, num_steps)
+        return train_steps_fn(state, xs, ys, carry, resets, **kwargs)
+    return run
+
+
 def make_resident_multi_step(apply_fn: Callable, tx: optax.GradientTransformation,
                              num_steps: int) -> Callable:
     """jitted (state, ids int32 [N] on the device, starts int32 [S, B], carry, resets bool [S])
     -> (state, carry, metrics stacked [S]); the state and carry buffers are donated."""
     run_steps = functools.partial(steps.train_steps, apply_fn=apply_fn, tx=tx)
-
-    def run(state, ids, starts, carry, resets):
-        xs, ys = gather_windows(ids, starts, num_steps)
-        return run_steps(state, xs, ys, carry, resets)
-
-    return jax.jit(run, donate_argnums=(0, 3))
+    return jax.jit(on_device_windows(run_steps, num_steps), donate_argnums=(0, 3))
 
 
 def sampler_starts(sampler, first_step: int, count: int) -> np.ndarray:

@@ -27,6 +27,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from deeprnn import multistep
 from deeprnn.errors import UsageError
 
 MODES = ("shard_map", "pmap")
@@ -224,33 +225,39 @@ class DataParallel:
         spec = P(*([None] * row_axis), AXIS)
         return self._put(np.asarray(array), NamedSharding(self.mesh, spec), tuple(shape))
 
-    def compile_train(self, train_steps_fn):
-        """fn(state, xs, ys, carry, resets) with xs/ys [k, local_rows, T] numpy and resets [k]
-        -> (state, carry, metrics [k]); state and carry are donated."""
-        step = functools.partial(train_steps_fn, axis_name=AXIS)
+    def compile_train(self, train_steps_fn, ids, num_steps: int):
+        """fn(state, starts, carry, resets) with starts int32 [k, local_rows] (the samplers'
+        window starts of k steps) and resets [k] -> (state, carry, metrics [k]); state and
+        carry are donated. The token array `ids` [N] is placed on every device once, here, and
+        each device cuts its own rows' windows from it (deeprnn.multistep)."""
+        step = functools.partial(multistep.on_device_windows(train_steps_fn, num_steps),
+                                 axis_name=AXIS)
+        ids = np.asarray(ids, np.int32)
         if self.mode == "pmap":
-            mapped = jax.pmap(step, axis_name=AXIS, in_axes=(0, 1, 1, 0, None),
+            mapped = jax.pmap(step, axis_name=AXIS, in_axes=(0, 0, 1, 0, None),
                               out_axes=(0, 0, None), donate_argnums=(0, 3),
                               devices=self.local_devices if self.num_processes == 1 else None)
             n = len(self.local_devices)
+            device_ids = self._stack_local(ids)
 
-            def run_pmap(state, xs, ys, carry, resets):
-                k, rows, t = xs.shape
-                return mapped(state, np.reshape(xs, (k, n, rows // n, t)),
-                              np.reshape(ys, (k, n, rows // n, t)), carry, np.asarray(resets))
+            def run_pmap(state, starts, carry, resets):
+                k, rows = np.shape(starts)
+                return mapped(state, device_ids, np.reshape(starts, (k, n, rows // n)), carry,
+                              np.asarray(resets))
             return run_pmap
 
         # check_vma=False: the step pmeans gradients of replicated parameters itself; with the
         # varying-axis check on, JAX would already sum them across devices in the transpose,
         # and the pmean would keep that sum (D times the mean gradient).
         mapped = jax.jit(jax.shard_map(
-            step, mesh=self.mesh, in_specs=(P(), P(None, AXIS), P(None, AXIS), P(AXIS), P()),
+            step, mesh=self.mesh, in_specs=(P(), P(), P(None, AXIS), P(AXIS), P()),
             out_specs=(P(), P(AXIS), P()), check_vma=False), donate_argnums=(0, 3))
+        device_ids = self._put(ids, self._replicated, ids.shape)
 
-        def run(state, xs, ys, carry, resets):
+        def run(state, starts, carry, resets):
             resets = np.asarray(resets)
-            return mapped(state, self._global_batch(xs, 1), self._global_batch(ys, 1), carry,
-                          self._put(resets, self._replicated, resets.shape))
+            return mapped(state, device_ids, self._global_batch(np.asarray(starts, np.int32), 1),
+                          carry, self._put(resets, self._replicated, resets.shape))
         return run
 
     def compile_eval(self, eval_step_fn):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from deeprnn import multistep
+
 
 def seed_values(seed: int, num_seeds: int) -> list[int]:
     return [seed + k for k in range(num_seeds)]
@@ -26,10 +28,13 @@ def select(tree, k: int):
     return jax.tree.map(lambda a: a[k], tree)
 
 
-def vmap_train_steps(train_steps_fn):
-    """train_steps over seeds: state/carry [K, ...], xs/ys [steps, K, B, T], resets [steps]
-    shared (every seed's sampler has the same epoch length) -> metrics [steps, K]."""
-    return jax.vmap(train_steps_fn, in_axes=(0, 1, 1, 0, None), out_axes=(0, 0, 1))
+def vmap_train_steps(train_steps_fn, num_steps: int):
+    """train_steps over seeds, on windows cut on the device (deeprnn.multistep): state/carry
+    [K, ...], the token array [N] shared, window starts [steps, K, B] (each seed's own data
+    order), resets [steps] shared (every seed's sampler has the same epoch length)
+    -> metrics [steps, K]."""
+    return jax.vmap(multistep.on_device_windows(train_steps_fn, num_steps),
+                    in_axes=(0, None, 1, 0, None), out_axes=(0, 0, 1))
 
 
 def vmap_eval_step(eval_step_fn):
@@ -40,7 +45,8 @@ def vmap_eval_step(eval_step_fn):
 class SeedStack:
     """The DataParallel interface (deeprnn.parallel) for K stacked seeds on one device.
 
-    States, params and carries carry a leading seed axis; batches come as [steps, K, B, T].
+    States, params and carries carry a leading seed axis; window starts come as
+    [steps, K, B].
     """
 
     def __init__(self, num_seeds: int):
@@ -56,8 +62,14 @@ class SeedStack:
     def rows(self, batch_size: int, flag: str = "batch_size") -> tuple[int, int]:
         return 0, batch_size
 
-    def compile_train(self, train_steps_fn):
-        return jax.jit(vmap_train_steps(train_steps_fn), donate_argnums=(0, 3))
+    def compile_train(self, train_steps_fn, ids, num_steps: int):
+        """fn(state, starts [k, K, B], carry, resets [k]); see DataParallel.compile_train."""
+        mapped = jax.jit(vmap_train_steps(train_steps_fn, num_steps), donate_argnums=(0, 3))
+        device_ids = jnp.asarray(ids, jnp.int32)
+
+        def run(state, starts, carry, resets):
+            return mapped(state, device_ids, starts, carry, resets)
+        return run
 
     def compile_eval(self, eval_step_fn):
         return jax.jit(vmap_eval_step(eval_step_fn))

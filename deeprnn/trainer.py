@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deeprnn import batches, corpora, models, seeds, steps, vocab
+from deeprnn import batches, corpora, models, multistep, seeds, steps, vocab
 from deeprnn.checkpoints import RunCheckpoints
 from deeprnn.errors import UsageError
 from deeprnn.evaluate import evaluate_ids
@@ -208,7 +208,8 @@ def _train_with_store(config, workdir, stop, store, is_main, start_time):
                    ["validation/perplexity", "validation/bits_per_char", "test/perplexity"])
 
     run_steps = devices.compile_train(
-        functools.partial(steps.train_steps, apply_fn=model.apply, tx=tx))
+        functools.partial(steps.train_steps, apply_fn=model.apply, tx=tx), samplers[0].ids,
+        config.num_steps)
     eval_fn = devices.compile_eval(functools.partial(steps.eval_step, apply_fn=model.apply))
 
     def evaluate(params, ids) -> list[dict]:
@@ -229,16 +230,15 @@ def _train_with_store(config, workdir, stop, store, is_main, start_time):
         logical_state, logical_carry = devices.logical(state, carry)
         store.save(step, {"train": logical_state, "carry": logical_carry}, meta, wait=wait)
 
-    def batches_for(first: int, count: int):
-        """xs, ys [count, (K,) rows, T] and resets [count] for steps first..first+count-1."""
-        per_seed = [[sampler.batch(s) for s in range(first, first + count)]
-                    for sampler in samplers]
-        xs = np.stack([np.stack([x for x, _ in seed]) for seed in per_seed], axis=1)
-        ys = np.stack([np.stack([y for _, y in seed]) for seed in per_seed], axis=1)
+    def starts_for(first: int, count: int):
+        """Window starts [count, (K,) rows] and resets [count] for steps first..first+count-1:
+        the windows themselves are cut on the device, from the token array placed there once."""
+        starts = np.stack([multistep.sampler_starts(sampler, first, count)
+                           for sampler in samplers], axis=1)
         if config.num_seeds == 1:
-            xs, ys = xs[:, 0], ys[:, 0]
+            starts = starts[:, 0]
         # Every seed's sampler has the same epoch length, so resets are shared.
-        return xs, ys, np.asarray([samplers[0].resets_state(s)
+        return starts, np.asarray([samplers[0].resets_state(s)
                                    for s in range(first, first + count)])
 
     profile = profile_steps(config)
@@ -250,8 +250,8 @@ def _train_with_store(config, workdir, stop, store, is_main, start_time):
         if profile and profile[0] <= step < profile[0] + config.steps_per_call:
             jax.profiler.start_trace(f"{workdir}/profile")
         first, count = step, min(config.steps_per_call, num_train_steps - step)
-        xs, ys, resets = batches_for(first, count)
-        state, carry, metrics = run_steps(state, xs, ys, carry, resets)
+        starts, resets = starts_for(first, count)
+        state, carry, metrics = run_steps(state, starts, carry, resets)
         step += count
         fault_point("after_step", step)
         store.record_finished_saves()
@@ -331,9 +331,14 @@ def _train_with_store(config, workdir, stop, store, is_main, start_time):
     return summary
 
 
-@jax.jit
-def _all_finite(tree) -> jax.Array:
-    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+def _all_finite(tree) -> bool:
+    """Checked on the host: the checkpoint that follows copies the parameters there anyway, and
+    a jitted check cost a compilation (0.2 s on the 2-core CPU) for a test once per save."""
+    def local(leaf):  # a replicated global array: this process's first copy
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            leaf = leaf.addressable_shards[0].data
+        return np.asarray(leaf)
+    return all(bool(np.isfinite(local(x)).all()) for x in jax.tree.leaves(tree))
 
 
 def _save_best(workdir, params, step):

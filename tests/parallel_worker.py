@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from deeprnn import batches, models, steps
+from deeprnn import batches, models, multistep, steps
 from deeprnn.checkpoints import RunCheckpoints
 from deeprnn.errors import UsageError
 from deeprnn.evaluate import evaluate_ids
@@ -99,9 +99,20 @@ def train_steps_fn():
     return functools.partial(steps.train_steps, apply_fn=model.apply, tx=tx)
 
 
+def compile_train(dp: DataParallel):
+    return dp.compile_train(train_steps_fn(), TRAIN_IDS, NUM_STEPS)
+
+
 def reference_train_fn():
-    """One device, no device axis at all: the plain jitted step."""
-    return jax.jit(train_steps_fn())
+    """One device, no device axis at all, windows cut on the host (the samplers' own `batch`):
+    the plain jitted step, taking the same (state, starts, carry, resets) as the parallel ones."""
+    step = jax.jit(train_steps_fn())
+
+    def run(state, starts, carry, resets):
+        windows = np.asarray([[TRAIN_IDS[b:b + NUM_STEPS + 1] for b in step_starts]
+                              for step_starts in starts])
+        return step(state, windows[..., :-1], windows[..., 1:], carry, resets)
+    return run
 
 
 def train(run_fn, sampler, state, carry, first: int, last: int):
@@ -109,9 +120,9 @@ def train(run_fn, sampler, state, carry, first: int, last: int):
     losses = []
     for start in range(first, last, STEPS_PER_CALL):
         window = range(start, min(start + STEPS_PER_CALL, last))
-        xs, ys = zip(*(sampler.batch(s) for s in window), strict=True)
+        starts = multistep.sampler_starts(sampler, start, len(window))
         resets = np.asarray([sampler.resets_state(s) for s in window])
-        state, carry, metrics = run_fn(state, np.stack(xs), np.stack(ys), carry, resets)
+        state, carry, metrics = run_fn(state, starts, carry, resets)
         metrics = jax.device_get(metrics)
         losses += list(np.asarray(metrics["loss_sum"]) / np.asarray(metrics["tokens"]))
     return state, carry, [float(v) for v in losses]
@@ -207,7 +218,7 @@ def devices_main(out: str, checkpoint_dir: str) -> None:
     result["reference"]["sample"] = sample(params)
     for mode in MODES:
         dp = DataParallel(mode)
-        run_fn = dp.compile_train(train_steps_fn())
+        run_fn = compile_train(dp)
         out_mode = result["parallel"][mode] = {}
         for kind in SAMPLERS:
             ckpt = f"{checkpoint_dir}/from_{mode}" if kind == "sequential" else None
@@ -252,7 +263,7 @@ def multihost_main(out: str, checkpoint_dir: str, address: str, num_processes: i
               "local_devices": jax.local_device_count()}
     for mode in MODES:
         dp = DataParallel(mode)
-        run_fn = dp.compile_train(train_steps_fn())
+        run_fn = compile_train(dp)
         result[mode] = {"rows": dp.rows(BATCH)}
         for kind in SAMPLERS:
             # Every process takes part in the Orbax save of the global arrays.

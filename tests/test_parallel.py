@@ -50,7 +50,7 @@ def resume_here(directory) -> dict:
     """Restores a checkpoint on this process's single device and trains it to the end."""
     dp = DataParallel()
     assert dp.num_devices == 1
-    return worker.resume(dp, dp.compile_train(worker.train_steps_fn()), str(directory))
+    return worker.resume(dp, worker.compile_train(dp), str(directory))
 
 
 def write_corpus(path: pathlib.Path) -> pathlib.Path:
@@ -72,7 +72,7 @@ def checkpoints(tmp_path_factory):
 def many_devices(checkpoints):
     """The 8-device worker's results; it resumes a checkpoint written here on one device."""
     dp = DataParallel()
-    worker.run_on(dp, dp.compile_train(worker.train_steps_fn()), "sequential",
+    worker.run_on(dp, worker.compile_train(dp), "sequential",
                   str(checkpoints / "from_1"))
     write_corpus(checkpoints / "corpus.txt")
     out = checkpoints / "devices.json"

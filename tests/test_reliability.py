@@ -227,3 +227,14 @@ def test_two_processes_agree_on_the_preemption_step(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
     assert stops[0][0] == "stopped" and stops[0] == stops[1]
     assert complete_steps_in(tmp_path) == [int(stops[0][1])]
+
+
+def test_parameter_check_before_a_save_sees_every_leaf():
+    from deeprnn.trainer import _all_finite
+
+    good = {"W": jax.numpy.ones((2, 3)), "b": [np.zeros(3, np.float32), jax.numpy.arange(4.0)]}
+    assert _all_finite(good)
+    for bad in (np.inf, -np.inf, np.nan):
+        tree = {**good, "b": [np.array([0.0, bad, 1.0], np.float32), good["b"][1]]}
+        assert not _all_finite(tree)
+    assert not _all_finite({**good, "W": good["W"].at[1, 2].set(np.nan)})
