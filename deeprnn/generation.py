@@ -1,7 +1,8 @@
 """Text generation: warm the state up on a prefix, then emit tokens, all in one compiled call.
 
-d2l's predict() calls the model once per character from a Python loop; here the prefix is one
-apply and the emitted tokens are one lax.scan, so a whole sample is a single device call.
+d2l's predict() calls the model once per character from a Python loop; here the prefix and the
+emitted tokens are one lax.scan, so a whole sample is a single device call, compiled once for
+every prefix up to a bucket length.
 """
 
 import functools
@@ -25,39 +26,53 @@ def choose_next(logits: jax.Array, temperature: jax.Array, rng: jax.Array) -> ja
     return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
 
 
-def sample_tokens(apply_fn, params, prefix_ids: jax.Array, length: int,
-                  temperature: jax.Array, rng: jax.Array, carry) -> jax.Array:
-    """The jit-friendly core: prefix_ids int32 [B, P] (P >= 1) -> emitted int32 [B, length].
+def prefix_bucket(prefix_length: int) -> int:
+    """The padded prefix length that one compiled generator serves: a power of two >= 16."""
+    return max(16, 1 << (int(prefix_length) - 1).bit_length())
 
+
+def sample_tokens(apply_fn, params, prefix_ids: jax.Array, prefix_length: jax.Array,
+                  length: int, temperature: jax.Array, rng: jax.Array, carry) -> jax.Array:
+    """The jit-friendly core: prefix_ids int32 [B, Pb] whose first prefix_length (>= 1, traced)
+    columns are the prefix -> emitted int32 [B, length].
+
+    One lax.scan of single-token steps reads the prefix while it lasts and then its own last
+    choice, so the prefix length is data, not shape: one compilation serves every prefix that
+    fits Pb (the CLI's prompts, the training loop's samples and the book's two lines). Step k
+    chooses a token from its logits; the choice at step prefix_length - 1 + j is emitted token
+    j, drawn with jax.random.fold_in(rng, j). Steps past the last emitted token are discarded.
     apply_fn(params, tokens, carry) -> (logits, carry) is a model's apply; `length` is static.
-    Token k is drawn with jax.random.fold_in(rng, k).
     """
-    logits, carry = apply_fn(params, prefix_ids, carry)
-    first = choose_next(logits[:, -1], temperature, jax.random.fold_in(rng, 0))
+    padded = prefix_ids.shape[1]
 
-    def step(state, index):
-        token, carry = state
+    def step(state, k):
+        chosen, carry = state
+        token = jnp.where(k < prefix_length, prefix_ids[:, jnp.minimum(k, padded - 1)], chosen)
         logits, carry = apply_fn(params, token[:, None], carry)
-        token = choose_next(logits[:, -1], temperature, jax.random.fold_in(rng, index))
-        return (token, carry), token
+        index = jnp.maximum(k - (prefix_length - 1), 0)
+        chosen = choose_next(logits[:, -1], temperature, jax.random.fold_in(rng, index))
+        return (chosen, carry), chosen
 
-    _, rest = jax.lax.scan(step, (first, carry), jnp.arange(1, length))
-    return jnp.concatenate([first[:, None], rest.T], axis=1)[:, :length]
+    first = jnp.zeros(prefix_ids.shape[:1], jnp.int32)
+    _, chosen = jax.lax.scan(step, (first, carry), jnp.arange(padded + length - 1))
+    return jax.lax.dynamic_slice_in_dim(chosen.T, prefix_length - 1, length, axis=1)
 
 
 @functools.lru_cache(maxsize=32)
 def compiled_generator(config: ModelConfig, length: int):
-    """jit(params, prefix_ids [B, P], temperature, rng) -> int32 [B, length], one per
-    (config, length), so repeated samples (e.g. at every evaluation) reuse the compiled code."""
+    """jit(params, prefix_ids [B, Pb], prefix_length, temperature, rng) -> int32 [B, length],
+    one per (config, length), so repeated samples (e.g. at every evaluation) reuse the
+    compiled code; it compiles once per prefix bucket Pb (`prefix_bucket`)."""
     model = build_model(config)
 
     def apply_fn(params, tokens, carry):
         return model.apply(params, tokens, carry)
 
     @jax.jit
-    def generator(params, prefix_ids, temperature, rng):
+    def generator(params, prefix_ids, prefix_length, temperature, rng):
         carry = init_carry(config, prefix_ids.shape[0])
-        return sample_tokens(apply_fn, params, prefix_ids, length, temperature, rng, carry)
+        return sample_tokens(apply_fn, params, prefix_ids, prefix_length, length, temperature,
+                             rng, carry)
 
     return generator
 
@@ -81,6 +96,8 @@ def generate(config: ModelConfig, params, prefix_ids, length: int, temperature: 
     if length == 0:
         return np.zeros(0, np.int32)
     rng = jax.random.key(0) if rng is None else rng
+    padded = np.zeros((1, prefix_bucket(prefix.size)), np.int32)
+    padded[0, :prefix.size] = prefix
     tokens = compiled_generator(config, length)(
-        params, jnp.asarray(prefix[None], jnp.int32), jnp.float32(temperature), rng)
+        params, padded, np.int32(prefix.size), jnp.float32(temperature), rng)
     return np.asarray(tokens[0])
