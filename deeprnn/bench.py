@@ -58,6 +58,17 @@ CONFIGS = {
     "tiny": [Shape("tiny", 11, 16, 2, 4, 6)],  # for tests
 }
 IMPLS = ("fused", "scratch", "flax", "torch-d2l-loop", "torch-tight", "matmul-floor")
+VARIANT_MODES = ("hand", "autodiff", "generic", "graph")
+# The `graph` variant: XLA:GPU records the whole compiled call, its while loops included (CUDA
+# graph conditional nodes), as command buffers replayed from the device, instead of launching
+# each loop iteration's kernels from the host. A d2l-shape step is 140 dependent small steps
+# (2 layers x 35 steps, forward and backward), about 12 us each at the H200's 1.66 ms/step,
+# which is launch latency more than work. XLA checks these names on every backend (a typo is
+# an error on the CPU too) and ignores them off the GPU. Not measured on a GPU yet.
+GPU_GRAPH_OPTIONS = {
+    "xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL,CONDITIONAL,WHILE",
+    "xla_gpu_graph_min_graph_size": 1,
+}
 LR, CLIP = 2.0, 1.0  # the book's deep-RNN recipe
 
 
@@ -74,10 +85,11 @@ def parse_args(argv):
     p.add_argument("--steps_per_call", type=int, default=10, help="fused: steps per jitted call")
     p.add_argument("--cell", default="lstm", choices=("lstm", "gru", "rnn"))
     p.add_argument("--fused_variants", default="",
-                   help="extra fused rows, comma list of schedule:unroll[:autodiff|:generic] "
-                   "(autodiff: JAX's own gradient of the scan; generic: LSTM layers through "
-                   "the general recurrence instead of deeprnn.fused_lstm), e.g. "
-                   "wavefront:1,layerwise:8:generic")
+                   help="extra fused rows, comma list of schedule:unroll[:autodiff|:generic|"
+                   ":graph] (autodiff: JAX's own gradient of the scan; generic: LSTM layers "
+                   "through the general recurrence instead of deeprnn.fused_lstm; graph: the "
+                   "call recorded as CUDA graphs, loops included, on a GPU), e.g. "
+                   "wavefront:1,layerwise:8:generic,layerwise:1:graph")
     p.add_argument("--no_cache", action="store_true", help="skip the persistent compile cache")
     p.add_argument("--e2e", default=None, metavar="TIME_MACHINE_TXT",
                    help="instead of the step table: the book's recipe end to end, deeprnn "
@@ -105,9 +117,9 @@ def parse_args(argv):
         mode = parts[2] if len(parts) == 3 else "hand"
         if (len(parts) not in (2, 3) or parts[0] not in ("wavefront", "layerwise")
                 or not parts[1].isdigit() or int(parts[1]) < 1
-                or mode not in ("hand", "autodiff", "generic")):
+                or mode not in VARIANT_MODES):
             raise UsageError(f"--fused_variants: {spec!r} is not schedule:unroll[:autodiff|"
-                             ":generic], e.g. layerwise:8 or wavefront:1:autodiff")
+                             ":generic|:graph], e.g. layerwise:8 or wavefront:1:autodiff")
         if (parts[0], int(parts[1]), mode) in args.variants:
             raise UsageError(f"--fused_variants names {spec} twice: each row is timed once")
         args.variants.append((parts[0], int(parts[1]), mode))
@@ -144,7 +156,8 @@ def model_config(shape: Shape, impl: str, dtype: str) -> models.ModelConfig:
 
 
 def prepare_jax(impl: str, shape: Shape, base_params, stream, starts, args, *,
-                schedule="auto", unroll=None, hand_vjp=True, lstm_layer=True):
+                schedule="auto", unroll=None, hand_vjp=True, lstm_layer=True,
+                compiler_options=None):
     """One deeprnn row, compiled and warmed up: (facts, time_repeat). `fused` runs through
     multistep (steps_per_call per call), the others one jitted step per call. The first
     k = steps_per_call steps give loss_after_k; time_repeat() runs args.steps more and returns
@@ -171,7 +184,8 @@ def prepare_jax(impl: str, shape: Shape, base_params, stream, starts, args, *,
     ids = jnp.asarray(stream)  # resident on the device; each call gets window starts only
     call = multistep.make_resident_multi_step(model.apply, tx, shape.steps)
     start = time.perf_counter()
-    compiled = call.lower(state, ids, jnp.asarray(starts[:spc]), carry, resets).compile()
+    compiled = call.lower(state, ids, jnp.asarray(starts[:spc]), carry, resets).compile(
+        compiler_options)
     compile_s = time.perf_counter() - start
     memory = compiled.memory_analysis()
     mem = None if memory is None else int(memory.argument_size_in_bytes
@@ -217,7 +231,8 @@ def prepare_row(impl: str, shape: Shape, base_params, stream, starts, args, vari
     if variant is not None:
         return prepare_jax("fused", shape, base_params, stream, starts, args,
                            schedule=variant[0], unroll=variant[1],
-                           hand_vjp=variant[2] != "autodiff", lstm_layer=variant[2] != "generic")
+                           hand_vjp=variant[2] != "autodiff", lstm_layer=variant[2] != "generic",
+                           compiler_options=GPU_GRAPH_OPTIONS if variant[2] == "graph" else None)
     return prepare_jax(impl, shape, base_params, stream, starts, args)
 
 

@@ -19,7 +19,8 @@ stage() {  # stage NAME ARGS...: one deeprnn.bench run, timed, its JSON in $out/
 }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 git rev-parse HEAD 2>/dev/null || true
-stage d2l --configs=d2l --fused_variants=layerwise:8:generic,wavefront:2
+stage d2l --configs=d2l \
+    --fused_variants=layerwise:8:generic,wavefront:2,layerwise:8:graph,layerwise:1:graph
 stage depth --configs=depth --impls=fused,torch-tight
 stage big_fp32 --configs=big --impls=fused,torch-d2l-loop,torch-tight --repeats=3 --steps=10
 stage big_bf16 --configs=big --dtype=bfloat16 --impls=fused,torch-d2l-loop,torch-tight \

@@ -49,10 +49,12 @@ def test_bench_rejects_malformed_fused_variants(spec):
 def test_fused_variant_rows_do_the_same_work(tmp_path):
     rows = bench.main(["--configs=tiny", "--impls=fused", "--repeats=1", "--steps=2",
                        "--steps_per_call=2", "--no_cache",
-                       "--fused_variants=wavefront:1,layerwise:2:generic,layerwise:1:autodiff"])
+                       "--fused_variants=wavefront:1,layerwise:2:generic,layerwise:1:autodiff,"
+                       "layerwise:1:graph"])
+    # graph's XLA:GPU options are checked by name and value on the CPU too, then ignored.
     assert [r["implementation"] for r in rows] == [
         "fused", "fused(wavefront,u1)", "fused(layerwise,u2,generic)",
-        "fused(layerwise,u1,autodiff)"]
+        "fused(layerwise,u1,autodiff)", "fused(layerwise,u1,graph)"]
     for row in rows[1:]:
         assert row["loss_after_k"] == pytest.approx(rows[0]["loss_after_k"], abs=1e-5)
 
