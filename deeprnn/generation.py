@@ -62,7 +62,11 @@ def sample_tokens(apply_fn, params, prefix_ids: jax.Array, prefix_length: jax.Ar
 def compiled_generator(config: ModelConfig, length: int):
     """jit(params, prefix_ids [B, Pb], prefix_length, temperature, rng) -> int32 [B, length],
     one per (config, length), so repeated samples (e.g. at every evaluation) reuse the
-    compiled code; it compiles once per prefix bucket Pb (`prefix_bucket`)."""
+    compiled code; it compiles once per prefix bucket Pb (`prefix_bucket`).
+
+    The caller keeps 1 <= prefix_length <= Pb (inside jit a wrong length is clamped, not
+    refused: the tokens would be wrong) and passes it as np.int32, so that every call hits
+    the same compilation; `generate` does both."""
     model = build_model(config)
 
     def apply_fn(params, tokens, carry):

@@ -21,12 +21,25 @@ import numpy as np
 import optax
 
 from deeprnn import steps
+from deeprnn.errors import UsageError
 
 
 def gather_windows(ids, starts, num_steps: int):
     """x[s, b] = ids[starts[s, b] : + T], y the same shifted by one token (on the device)."""
     window = ids[starts[..., None] + jnp.arange(num_steps + 1)]
     return window[..., :-1], window[..., 1:]
+
+
+def token_array(ids, num_steps: int) -> np.ndarray:
+    """The training text as the int32 array the devices hold. Window starts and the gather's
+    indices are int32 on the device, and JAX clamps an out-of-range gather without an error,
+    so a text too long for int32 indices is refused here rather than trained on wrongly."""
+    ids = np.asarray(ids)
+    if len(ids) + num_steps + 1 >= 2**31:
+        raise UsageError(f"the training text has {len(ids):,} tokens, more than int32 window "
+                         "indices reach on the device; train on a shorter text (fewer or "
+                         "smaller corpora, or --max_tokens)")
+    return ids.astype(np.int32)
 
 
 def on_device_windows(train_steps_fn: Callable, num_steps: int) -> Callable:

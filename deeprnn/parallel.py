@@ -232,7 +232,7 @@ class DataParallel:
         each device cuts its own rows' windows from it (deeprnn.multistep)."""
         step = functools.partial(multistep.on_device_windows(train_steps_fn, num_steps),
                                  axis_name=AXIS)
-        ids = np.asarray(ids, np.int32)
+        ids = multistep.token_array(ids, num_steps)
         if self.mode == "pmap":
             mapped = jax.pmap(step, axis_name=AXIS, in_axes=(0, 0, 1, 0, None),
                               out_axes=(0, 0, None), donate_argnums=(0, 3),

@@ -65,7 +65,7 @@ class SeedStack:
     def compile_train(self, train_steps_fn, ids, num_steps: int):
         """fn(state, starts [k, K, B], carry, resets [k]); see DataParallel.compile_train."""
         mapped = jax.jit(vmap_train_steps(train_steps_fn, num_steps), donate_argnums=(0, 3))
-        device_ids = jnp.asarray(ids, jnp.int32)
+        device_ids = jnp.asarray(multistep.token_array(ids, num_steps))
 
         def run(state, starts, carry, resets):
             return mapped(state, device_ids, starts, carry, resets)

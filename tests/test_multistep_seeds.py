@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from test_train import run, tiny_argv, write_text
 
@@ -46,3 +47,13 @@ def test_num_seeds_equals_separate_runs(text_file, tmp_path):
     values = [s["validation/perplexity"] for s in together["seeds"]]
     assert together["final"]["validation/perplexity"] == pytest.approx(sum(values) / 3)
     assert together["final"]["validation/perplexity_std"] > 0
+
+
+def test_token_array_is_int32_and_refuses_text_past_int32_indices():
+    from deeprnn.multistep import token_array
+
+    ids = token_array(np.arange(100, dtype=np.int64) % 7, num_steps=8)
+    assert ids.dtype == np.int32 and ids.tolist() == [i % 7 for i in range(100)]
+    too_long = np.broadcast_to(np.int32(0), (2**31 - 8,))  # a view: no memory behind it
+    with pytest.raises(UsageError, match="int32 window indices"):
+        token_array(too_long, num_steps=8)
