@@ -69,5 +69,10 @@ def run_metadata(config, model_config, params, splits, num_train_steps: int) -> 
         "git_commit": git_commit(),
         "steps_done": 0,
         "wall_time_s": 0.0,
+        # From the start of training (data loaded, model built, compiled) to the end of this
+        # process's first compiled call, and that call alone (compilation, or a read of the
+        # compilation cache, plus its steps). tokens_per_sec leaves that call out.
+        "startup_s": None,
+        "first_call_s": None,
         "tokens_per_sec": 0.0,
     }

@@ -246,12 +246,17 @@ def _train_with_store(config, workdir, stop, store, is_main, start_time):
     tokens_per_step = config.batch_size * config.num_steps * config.num_seeds
     interval_start, interval_tokens, train_time = time.time(), 0, 0.0
     step, pending = start_step, []
+    first_call = None  # (seconds, steps) of this process's first call, compilation included
     while step < num_train_steps:
         if profile and profile[0] <= step < profile[0] + config.steps_per_call:
             jax.profiler.start_trace(f"{workdir}/profile")
         first, count = step, min(config.steps_per_call, num_train_steps - step)
         starts, resets = starts_for(first, count)
         state, carry, metrics = run_steps(state, starts, carry, resets)
+        if first_call is None:  # one wait, so that compilation stays out of the throughput
+            jax.block_until_ready(metrics)
+            first_call = (time.time() - interval_start, count)
+            meta_info.update(startup_s=time.time() - start_time, first_call_s=first_call[0])
         step += count
         fault_point("after_step", step)
         store.record_finished_saves()
@@ -309,8 +314,8 @@ def _train_with_store(config, workdir, stop, store, is_main, start_time):
             checkpoint(step, wait=step == num_train_steps or stopping)
         interval_start, interval_tokens = time.time(), 0  # evaluation and samples excluded
         meta_info.update(steps_done=step, wall_time_s=time.time() - start_time,
-                         tokens_per_sec=(step - start_step) * tokens_per_step
-                         / max(train_time, 1e-9))
+                         tokens_per_sec=_throughput(step - start_step, train_time, first_call,
+                                                    tokens_per_step))
         if is_main and (eval_now or stopping):
             write_summary(workdir, run_summary(meta_info, progress))
         if stopping:
@@ -329,6 +334,16 @@ def _train_with_store(config, workdir, stop, store, is_main, start_time):
         _print_book_lines(config, model_config, local_params(), splits, progress, meta_info)
     writer.close()
     return summary
+
+
+def _throughput(steps_run: int, train_time: float, first_call, tokens_per_step: int) -> float:
+    """Tokens per second of training, leaving out the first call (its compilation would
+    otherwise count as training time: on a GPU it can take longer than the whole run's
+    steps); with nothing after the first call, the first call is all there is."""
+    seconds, steps = first_call
+    if steps_run > steps and train_time > seconds:
+        steps_run, train_time = steps_run - steps, train_time - seconds
+    return steps_run * tokens_per_step / max(train_time, 1e-9)
 
 
 def _all_finite(tree) -> bool:

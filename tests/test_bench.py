@@ -78,6 +78,8 @@ def test_end_to_end_times_cold_and_warm_training_processes(tmp_path):
     assert names[2:] == (["torch-d2l-train_ch8"] if bench.torch_available() else [])
     for row in rows:
         assert row["wall_s"] > 0 and row["epochs"] == 1 and row["train_perplexity"] > 1
+    for row in rows[:2]:  # deeprnn's first call (compilation or a cache read) within its wall
+        assert 0 < row["first_call_s"] <= row["startup_s"] < row["wall_s"]
         assert row["speedup_vs_torch"] is None  # torch ran the book's recipe, not this one
     assert rows[0]["impl"] == "fused"  # the default: the recipe runs the fast path
     assert rows[0]["device"] == "cpu"

@@ -81,6 +81,9 @@ def test_end_to_end_beats_unigram_and_writes_logs(finished_run, text_file):
     assert baseline["unigram_validation"] == pytest.approx(unigram, rel=0.05)
     saved = read_summary(str(workdir))
     assert saved["finished"] and saved["steps_done"] == 120 and saved["num_params"] > 0
+    # The first call (its compilation) is timed apart, inside the startup and the wall time.
+    assert 0 < saved["first_call_s"] <= saved["startup_s"] <= saved["wall_time_s"]
+    assert saved["tokens_per_sec"] > 0
     records = read_metrics(str(workdir))
     assert [r["step"] for r in records if "train/loss" in r] == list(range(5, 121, 5))
     tags = set().union(*records)
@@ -233,3 +236,12 @@ def test_profile_steps_write_a_trace_for_tensorboard(text_file, tmp_path):
                   "--eval_every=6", "--checkpoint_every=6"))
     traces = list((tmp_path / "profile" / "plugins" / "profile").rglob("*.xplane.pb"))
     assert len(traces) == 1 and traces[0].stat().st_size > 0
+
+
+def test_throughput_leaves_the_first_call_out():
+    from deeprnn.trainer import _throughput
+
+    # 100 steps of 50 tokens in 12 s, of which the first call took 2 s for 10 steps.
+    assert _throughput(100, 12.0, (2.0, 10), 50) == pytest.approx(90 * 50 / 10.0)
+    # A run of one call has nothing else to measure: the first call stays in.
+    assert _throughput(10, 2.5, (2.5, 10), 50) == pytest.approx(10 * 50 / 2.5)
