@@ -15,6 +15,7 @@ import numpy as np
 
 from deeprnn import batches, corpora, models, multistep, seeds, steps, vocab
 from deeprnn.checkpoints import RunCheckpoints
+from deeprnn.console import ProgressLine
 from deeprnn.errors import UsageError
 from deeprnn.evaluate import evaluate_ids
 from deeprnn.flags import RunConfig, model_flag_differences, profile_steps
@@ -33,7 +34,7 @@ from deeprnn.run_metrics import (
     seed_record,
     skipped_updates,
 )
-from deeprnn.writers import ProgressLine, RunWriter, write_summary
+from deeprnn.writers import RunWriter, write_summary
 
 
 def model_config_for(config: RunConfig, vocab_size: int) -> models.ModelConfig:

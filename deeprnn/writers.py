@@ -1,5 +1,5 @@
-"""What a run leaves in its workdir: TensorBoard events, metrics.jsonl, summary.json; and the
-console progress line.
+"""What a run leaves in its workdir: TensorBoard events, metrics.jsonl, summary.json (the
+console progress line is in `console.py`).
 
 Only process 0 writes (`RunWriter(enabled=False)` elsewhere), as in big_vision.
 
@@ -16,8 +16,8 @@ a local temporary folder and upload it with `etils.epath` on `flush()`: the same
 remote-file layer for everything (gcsfs, the `[gcs]` extra), and testable offline. Local
 workdirs are plain files and never need gcsfs.
 
-tensorboardX is imported only when a RunWriter that writes is built: it is absent on the lent GPU
-machines, and it imports torch when torch is installed (about a second).
+tensorboardX is imported only when a RunWriter that writes is built (it is absent on the lent GPU
+machines), and with torch hidden: see `_import_tensorboardx`.
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from typing import Any, TextIO
+from typing import Any
 
 from etils import epath
 
@@ -42,6 +41,21 @@ SUMMARY_FILE = "summary.json"
 
 def _is_remote(workdir: str) -> bool:
     return "://" in os.fspath(workdir)
+
+
+def _import_tensorboardx() -> None:
+    """Imports tensorboardX with torch hidden. Its writer module imports torch, where installed,
+    only to accept torch tensors, which this module never passes: 1.3 s of every run's startup on
+    the 2-core CPU, more than the recipe's first compiled call. Hidden, the import fails inside
+    tensorboardX's own `except ImportError`, and torch stays importable afterwards."""
+    hide_torch = "torch" not in sys.modules
+    if hide_torch:
+        sys.modules["torch"] = None  # type: ignore[assignment]
+    try:
+        import tensorboardX  # noqa: F401
+    finally:
+        if hide_torch:
+            del sys.modules["torch"]
 
 
 def _write_text_whole(path: epath.Path, text: str) -> None:
@@ -139,7 +153,8 @@ class RunWriter:
             return
         purge_step = self._purge_step(resume_step)
 
-        from tensorboardX.event_file_writer import EventsWriter  # Lazy: see the module docstring.
+        _import_tensorboardx()
+        from tensorboardX.event_file_writer import EventsWriter
 
         # Remote workdirs: events go to a local folder and are uploaded on flush().
         self._local_event_dir = (
@@ -285,116 +300,3 @@ def _hparam_value(value: Any) -> bool | float | int | str:
     if isinstance(value, bool | int | float | str):
         return value
     return str(value)
-
-
-# ----------------------------------------------------------------------------- console
-
-
-def format_duration(seconds: float) -> str:
-    """`45s`, `3m12s`, `1h02m`: the two largest units, as a reader of an ETA wants them."""
-    seconds = max(0, int(round(seconds)))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    if minutes:
-        return f"{minutes}m{secs:02d}s"
-    return f"{secs}s"
-
-
-def format_count(value: float) -> str:
-    """`950`, `41.2k`, `3.5M`: three significant figures are what a throughput reader needs."""
-    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= scale:
-            return f"{value / scale:.1f}{unit}"
-    return f"{value:.0f}"
-
-
-def _format_metric(value: float) -> str:
-    # Three significant figures whatever the size: perplexities run from ~1e3 down to ~1.0.
-    return f"{value:.3g}" if abs(value) >= 10 else f"{value:.2f}"
-
-
-class ProgressLine:
-    """One compact console line, e.g.
-    `step 120/2000 [6%] loss 2.31 ppl 10.1 val 9.8 | 41.2k tok/s | eta 3m12s`.
-
-    `update` takes the metrics dict the run logs (tag names as in metrics.jsonl) and remembers
-    the last value of each, since validation comes less often than training loss. The ETA uses
-    the step rate since the first update, which leaves compilation (before it) out. On a
-    terminal the line rewrites itself (`\\r`); elsewhere (log files, CI) each update is a line.
-    """
-
-    SHOWN = (  # (tag, label), in display order
-        ("train/loss", "loss"),
-        ("train/perplexity", "ppl"),
-        ("validation/perplexity", "val"),
-    )
-    THROUGHPUT_TAG = "train/tokens_per_sec"
-
-    def __init__(
-        self,
-        total_steps: int,
-        stream: TextIO | None = None,
-        every_s: float = 1.0,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-    ):
-        self.total_steps = total_steps
-        self.stream = stream if stream is not None else sys.stderr
-        self.every_s = every_s
-        self._clock = clock
-        self._is_terminal = bool(getattr(self.stream, "isatty", lambda: False)())
-        self._latest: dict[str, float] = {}
-        self._first: tuple[int, float] | None = None  # (step, time) at the first update
-        self._step = 0
-        self._last_print = -math.inf
-        self._printed_width = 0
-
-    def update(self, step: int, metrics: dict) -> None:
-        now = self._clock()
-        self._step = int(step)
-        if self._first is None:
-            self._first = (self._step, now)
-        self._latest.update({tag: float(value) for tag, value in metrics.items()})
-        if now - self._last_print >= self.every_s or self._step >= self.total_steps:
-            self._print(self.render(now))
-            self._last_print = now
-
-    def render(self, now: float | None = None) -> str:
-        now = self._clock() if now is None else now
-        percent = int(100 * self._step / self.total_steps) if self.total_steps else 100
-        parts = [f"step {self._step}/{self.total_steps} [{percent}%]"]
-        parts += [
-            f"{label} {_format_metric(self._latest[tag])}"
-            for tag, label in self.SHOWN
-            if tag in self._latest
-        ]
-        line = " ".join(parts)
-        if self.THROUGHPUT_TAG in self._latest:
-            line += f" | {format_count(self._latest[self.THROUGHPUT_TAG])} tok/s"
-        return line + f" | eta {self._eta(now)}"
-
-    def done(self) -> None:
-        self._print(self.render())
-        if self._is_terminal:
-            self.stream.write("\n")
-            self.stream.flush()
-
-    def _eta(self, now: float) -> str:
-        if self._step >= self.total_steps:
-            return "0s"
-        first_step, first_time = self._first or (self._step, now)
-        if self._step <= first_step or now <= first_time:
-            return "--"
-        seconds_per_step = (now - first_time) / (self._step - first_step)
-        return format_duration(seconds_per_step * (self.total_steps - self._step))
-
-    def _print(self, line: str) -> None:
-        if self._is_terminal:
-            # Pad over a longer previous line so that no stale characters remain.
-            self.stream.write("\r" + line.ljust(self._printed_width))
-            self._printed_width = len(line)
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()

@@ -17,12 +17,10 @@ from fsspec.implementations.memory import MemoryFileSystem
 from tensorboard.backend.event_processing import plugin_event_accumulator
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from deeprnn.console import ProgressLine, format_count, format_duration
 from deeprnn.errors import UsageError
 from deeprnn.writers import (
-    ProgressLine,
     RunWriter,
-    format_count,
-    format_duration,
     read_metrics,
     read_summary,
     write_summary,
@@ -138,6 +136,27 @@ def test_writer_without_tensorboard_keeps_metrics_and_imports_no_tensorboardx(tm
     assert read_metrics(str(workdir)) == [{"step": 1, "train/loss": 2.5},
                                           {"step": 2, "train/loss": 2.0}]
     assert not [p for p in workdir.iterdir() if "tfevents" in p.name]
+
+
+def test_tensorboard_writer_leaves_torch_unimported_but_importable(tmp_path):
+    """tensorboardX's writer imports torch where installed (1.3 s of startup); a stand-in
+    torch package first on the path shows whether the writer imported it, wherever this runs."""
+    (tmp_path / "fake" / "torch").mkdir(parents=True)
+    (tmp_path / "fake" / "torch" / "__init__.py").write_text("STAND_IN = True\n")
+    run = tmp_path / "run"
+    script = ("import sys\n"
+              "from deeprnn.writers import RunWriter\n"
+              f"writer = RunWriter({str(run)!r})\n"
+              "writer.scalars(1, {'train/loss': 2.5})\n"
+              "writer.close()\n"
+              "assert 'torch' not in sys.modules, 'building the writer imported torch'\n"
+              "import torch\n"
+              "assert torch.STAND_IN\n")
+    path = os.pathsep.join(filter(None, [str(tmp_path / "fake"), os.environ.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": path},
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert [e.value for e in load_events(run).Scalars("train/loss")] == [2.5]
 
 
 def test_summary_is_rewritten_atomically(tmp_path):
