@@ -68,6 +68,24 @@ def accumulate(progress: Progress, step: int, metrics: dict, nan_policy: str, st
             progress.tokens[k] += count
 
 
+def train_records(progress: Progress, calls, *, log_every: int, last_step: int, nan_policy: str,
+                  store, lr_fn, rate: float) -> dict[int, dict]:
+    """Adds fetched calls [(first step, stacked metrics)], in step order, to the running sums;
+    the train records of the steps among them that log (every log_every-th, and the last)."""
+    records = {}
+    for first, metrics in calls:
+        for i in range(len(metrics["loss_sum"])):
+            step, m = first + i + 1, per_step(metrics, i)
+            accumulate(progress, step, m, nan_policy, store)
+            if step % log_every == 0 or step == last_step:
+                records[step] = {**seed_record("train", progress.train_summaries()),
+                                 "train/grad_norm": float(np.mean(m["grad_norm"])),
+                                 "train/learning_rate": float(lr_fn(step - 1)),
+                                 "train/tokens_per_sec": rate}
+                progress.last_train = records[step]
+    return records
+
+
 def non_finite_error(step: int, bad: list[str], store) -> NonFiniteError:
     store.wait()  # saves under way hold good steps: complete them before naming the last one
     last = store.latest_complete_step()

@@ -27,6 +27,25 @@ def test_steps_per_call_equals_one_step_per_call(text_file, tmp_path):
                                                              rel=1e-5)
 
 
+def test_logs_read_one_call_behind_equal_logs_read_at_once(text_file, tmp_path):
+    """A call that only logs is read while the next one runs; a sample after every call makes
+    every call wait to be read instead. The records must be the same."""
+    argv = ["--num_train_steps=18", "--steps_per_call=3", "--log_every=3", "--eval_every=9",
+            "--checkpoint_every=9"]
+    behind = run(tiny_argv(text_file, tmp_path / "behind", *argv, "--sample_every=9"))
+    at_once = run(tiny_argv(text_file, tmp_path / "at_once", *argv, "--sample_every=3"))
+
+    def without_rate(workdir):
+        return [{k: v for k, v in r.items() if k != "train/tokens_per_sec"}
+                for r in read_metrics(str(workdir))]
+
+    records = without_rate(tmp_path / "behind")
+    assert [r["step"] for r in records] == [3, 6, 9, 12, 15, 18]
+    assert records == without_rate(tmp_path / "at_once")
+    assert behind["last"]["train/loss"] == at_once["last"]["train/loss"]
+    assert behind["tokens_per_sec"] > 0
+
+
 def test_intervals_must_be_multiples_of_steps_per_call(text_file, tmp_path):
     with pytest.raises(UsageError, match=r"--eval_every=20 must be a multiple of "
                                          r"--steps_per_call=3"):
