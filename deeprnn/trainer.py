@@ -272,8 +272,8 @@ def _train_with_store(config, workdir, stop, store, is_main, start_time):
         # Logs are read one call behind: the device runs the call just queued while the host
         # writes the ones before (1-3 ms a call here; a d2l call takes ~13 ms on an H200).
         # Evaluation, samples, checkpoints and the skipped-update count wait for this step.
-        sync = evaluate_now or sample_now or save_now or config.nan_policy == "skip"
-        ready = pending if sync else pending[:-1]
+        sync = evaluate_now or sample_now or save_now
+        ready = pending if sync or config.nan_policy == "skip" else pending[:-1]
         every = config.log_every  # does a step among first+1..first+count log?
         if not sync and not any((f + c) // every > f // every for f, c, _ in ready):
             continue
