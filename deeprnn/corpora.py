@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from deeprnn.errors import UsageError, exit_on_usage_error
+from deeprnn.errors import UsageError, exit_on_usage_error, parse_flags_or_exit
 
 DATA_DIR_ENV = "DEEPRNN_DATA_DIR"
 GUTENBERG_URL = "https://www.gutenberg.org/cache/epub/{id}/pg{id}.txt"
@@ -311,4 +311,4 @@ if __name__ == "__main__":
     from absl import app
 
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags_or_exit)

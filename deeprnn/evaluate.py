@@ -16,7 +16,7 @@ import numpy as np
 from absl import app, flags
 
 from deeprnn import batches, models, steps
-from deeprnn.errors import UsageError, exit_on_usage_error
+from deeprnn.errors import UsageError, exit_on_usage_error, parse_flags_or_exit
 
 
 @functools.lru_cache(maxsize=16)
@@ -89,4 +89,4 @@ def main(argv):
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags_or_exit)

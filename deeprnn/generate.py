@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 from absl import app, flags
 
-from deeprnn.errors import UsageError, exit_on_usage_error
+from deeprnn.errors import UsageError, exit_on_usage_error, parse_flags_or_exit
 
 FLAGS = flags.FLAGS
 
@@ -53,4 +53,4 @@ def main(argv):
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags_or_exit)

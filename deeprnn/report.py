@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from absl import app, flags
 from etils import epath
 
-from deeprnn.errors import UsageError, exit_on_usage_error
+from deeprnn.errors import UsageError, exit_on_usage_error, parse_flags_or_exit
 from deeprnn.writers import SUMMARY_FILE, read_metrics, read_summary
 
 # Flags that say where or how often, not what is trained: runs differing only in these (and
@@ -305,4 +305,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags_or_exit)

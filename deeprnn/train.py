@@ -13,33 +13,18 @@ from __future__ import annotations
 import sys
 
 from absl import app, flags
-from absl import logging as absl_logging
 
 from deeprnn import flags as run_flags
 from deeprnn import lifecycle
-from deeprnn.errors import UsageError
+from deeprnn.errors import UsageError, parse_flags_or_exit
 
 run_flags.define_flags()
 FLAGS = flags.FLAGS
 
 
-def parse_flags_or_exit(argv: list[str]) -> list[str]:
-    """absl's parser with one `error:` line and status 2 for unknown or bad flags and a missing
-    flagfile (absl's own message is a FATAL line plus a hint, and status 1)."""
-    try:
-        return FLAGS(argv)
-    except flags.Error as err:
-        message = str(err).removeprefix("ERROR:: ")  # absl prefixes flagfile errors
-        print(f"error: {message}; see python -m deeprnn.train --helpfull", file=sys.stderr)
-        sys.exit(lifecycle.EXIT_USAGE)
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --flag")
-    if FLAGS["verbosity"].using_default_value:
-        # Orbax logs every save step at INFO; the progress line says what a user needs.
-        absl_logging.set_verbosity(absl_logging.WARNING)
     try:
         if not FLAGS.workdir:
             raise UsageError("--workdir is required: the folder for checkpoints and logs")

@@ -136,6 +136,14 @@ def test_command_line_prints_one_error_line_and_exits_2(args, message):
     assert out.stderr.startswith(message) and out.stderr.count("\n") == 1, out.stderr
 
 
+@pytest.mark.parametrize("program", ["generate", "evaluate", "report", "corpora"])
+def test_every_program_prints_one_error_line_for_an_unknown_flag(program):
+    out = cli("-m", f"deeprnn.{program}", "--no_such_flag=1")
+    assert out.returncode == lifecycle.EXIT_USAGE
+    assert out.stderr == (f"error: Unknown command line flag 'no_such_flag'; see python -m "
+                          f"deeprnn.{program} --helpfull\n"), out.stderr
+
+
 def test_full_disk_during_a_save_fails_clearly_and_keeps_the_last_checkpoint(finished,
                                                                               tmp_path):
     text, original = finished

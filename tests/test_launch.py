@@ -366,7 +366,7 @@ def test_command_line_turns_bad_input_into_one_error_line(module, tmp_path):
 def test_local_runner_with_the_real_programs_then_the_report(tmp_path, capsys):
     """Two tiny runs of `python -m deeprnn.train`, one scored by `deeprnn.evaluate` on a text
     by another "author", then `deeprnn.report` over the sweep folder."""
-    from test_train import write_text
+    from test_train import INFO_LOG_LINE, write_text
 
     from deeprnn.report import write_report
 
@@ -389,6 +389,8 @@ def test_local_runner_with_the_real_programs_then_the_report(tmp_path, capsys):
     for run in ("rnn_l1", "gru_l2"):
         summary = json.loads((sweep_dir / run / "summary.json").read_text())
         assert summary["finished"] and summary["steps_done"] == 6
+        log = (sweep_dir / run / "train.log").read_text()
+        assert "perplexity" in log and not INFO_LOG_LINE.search(log), log[:300]
     scored = json.loads(next((sweep_dir / "gru_l2" / "eval").glob("*.json")).read_text())
     assert scored["split"] == "test" and scored["perplexity"] > 1
     report = write_report(str(sweep_dir), str(tmp_path / "report"))

@@ -7,6 +7,7 @@ import functools
 import json
 import math
 import pathlib
+import re
 import subprocess
 import sys
 from importlib.util import find_spec
@@ -24,6 +25,7 @@ from deeprnn.trainer import train_and_evaluate
 from deeprnn.writers import read_metrics, read_summary
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+INFO_LOG_LINE = re.compile(r"^I\d{4} ", re.MULTILINE)  # absl's INFO prefix: I<month><day>
 SENTENCES = ["the time traveller smiled", "we sat and watched the machine",
              "the traveller spoke of time", "a small machine of brass and ivory",
              "the fire burned in the room", "he held the lever in his hand"]
@@ -218,6 +220,7 @@ def test_generate_command_matches_in_process_reference(finished_run):
                          check=True, cwd=REPO)
     assert out.stdout.strip() == expected
     assert expected.startswith("the time") and len(expected) == len("the time") + 20
+    assert not INFO_LOG_LINE.search(out.stderr), out.stderr[:300]  # Orbax's, by default
 
 
 def test_evaluate_command_scores_other_text(finished_run, tmp_path):
@@ -229,6 +232,7 @@ def test_evaluate_command_scores_other_text(finished_run, tmp_path):
                          text=True, check=True, cwd=REPO)
     result = json.loads(out.stdout)
     assert result["unk_rate"] > 0 and math.isfinite(result["perplexity"])
+    assert not INFO_LOG_LINE.search(out.stderr), out.stderr[:300]
 
 
 def test_profile_steps_write_a_trace_for_tensorboard(text_file, tmp_path):
