@@ -69,6 +69,7 @@ class ProgressLine:
         self._step = 0
         self._last_print = -math.inf
         self._printed_width = 0
+        self._printed = ""  # the last line shown
 
     def update(self, step: int, metrics: dict) -> None:
         now = self._clock()
@@ -95,7 +96,9 @@ class ProgressLine:
         return line + f" | eta {self._eta(now)}"
 
     def done(self) -> None:
-        self._print(self.render())
+        line = self.render()
+        if line != self._printed:  # the last update is often the final step, already shown
+            self._print(line)
         if self._is_terminal:
             self.stream.write("\n")
             self.stream.flush()
@@ -110,6 +113,7 @@ class ProgressLine:
         return format_duration(seconds_per_step * (self.total_steps - self._step))
 
     def _print(self, line: str) -> None:
+        self._printed = line
         if self._is_terminal:
             # Pad over a longer previous line so that no stale characters remain.
             self.stream.write("\r" + line.ljust(self._printed_width))

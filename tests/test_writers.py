@@ -324,6 +324,14 @@ def test_progress_line_format_and_eta():
     ]
 
 
+def test_progress_line_shows_the_final_step_once():
+    stream = io.StringIO()
+    progress = ProgressLine(16, stream=stream, every_s=1.0, clock=lambda: 0.0)
+    progress.update(16, {"train/loss": 2.96})
+    progress.done()
+    assert stream.getvalue() == "step 16/16 [100%] loss 2.96 | eta 0s\n"
+
+
 def test_progress_line_rewrites_itself_on_a_terminal():
     class Terminal(io.StringIO):
         def isatty(self):
@@ -338,8 +346,8 @@ def test_progress_line_rewrites_itself_on_a_terminal():
     progress.done()
     lines = stream.getvalue().split("\r")
     assert lines[1] == "step 1/10 [10%] loss 12.5 | eta --"
-    assert lines[2] == "step 10/10 [100%] loss 1.00 | eta 0s".ljust(len(lines[1]))
-    assert stream.getvalue().endswith("\n")
+    # done() ends the line; the final step, already shown, is not drawn again.
+    assert lines[2:] == ["step 10/10 [100%] loss 1.00 | eta 0s".ljust(len(lines[1])) + "\n"]
 
 
 def test_duration_and_count_formats():
