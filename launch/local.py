@@ -33,6 +33,7 @@ class Job:
     workdir: pathlib.Path
     train: list[str] | None  # None: already finished
     evaluations: list[tuple[list[str], pathlib.Path]]  # command, where its JSON result goes
+    replace: bool = False  # finished, and --rerun_finished: train again in a fresh workdir
 
 
 def plan_jobs(sweep: sweeps.Sweep, sweep_dir: pathlib.Path, args) -> list[Job]:
@@ -54,8 +55,15 @@ def plan_jobs(sweep: sweeps.Sweep, sweep_dir: pathlib.Path, args) -> list[Job]:
                 continue  # scored before, and the model has not changed since
             flags = sweeps.evaluate_args(str(workdir), corpus, data_dir=args.data_dir)
             evaluations.append(([*python, "-m", args.evaluate_module, *flags], result))
-        jobs.append(Job(run, workdir, train, evaluations))
+        jobs.append(Job(run, workdir, train, evaluations, replace=finished and train is not None))
     return jobs
+
+
+def replaced_dir(job: Job) -> pathlib.Path:
+    """Where --rerun_finished moves a finished run before training it again: out of the
+    sweep's run folders (the report reads SWEEP_DIR/*/summary.json), and nothing deleted."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return job.workdir.parent / ".replaced" / f"{job.workdir.name}-{stamp}"
 
 
 def device_slots(parallel_gpus: int, gpus_per_run: int) -> list[dict]:
@@ -80,6 +88,10 @@ class Runner:
         self.jobs, self.slots = jobs, slots
         self.lock = threading.Lock()
         self.failed: list[str] = []
+        self.done = 0
+        # Set by Ctrl-C or a run stopped by a signal: runs under way finish their checkpoint,
+        # and no new one starts.
+        self.stopping = threading.Event()
 
     def say(self, message: str) -> None:
         with self.lock:
@@ -94,8 +106,18 @@ class Runner:
         ]
         for thread in threads:
             thread.start()
-        for thread in threads:
-            thread.join()
+        try:
+            for thread in threads:
+                thread.join()
+        except KeyboardInterrupt:  # the runs got the same SIGINT and are saving a checkpoint
+            self.stopping.set()
+            self.say("stopping: no new run starts; the runs under way save a checkpoint")
+            for thread in threads:
+                thread.join()
+        if self.stopping.is_set():
+            left = len(self.jobs) - len(self.failed) - self.done
+            self.say(f"stopped; run the same command again to resume ({left} runs not started)")
+            return 75  # deeprnn.lifecycle.EXIT_PREEMPTED, as a run stopped by a signal
         if self.failed:
             failed = ", ".join(self.failed)
             self.say(f"{len(self.failed)} of {len(self.jobs)} runs failed: {failed}")
@@ -104,18 +126,31 @@ class Runner:
         return 0
 
     def _work(self, pending: queue.Queue, slot: dict) -> None:
-        while True:
+        while not self.stopping.is_set():
             try:
                 index, job = pending.get_nowait()
             except queue.Empty:
                 return
-            if not self._run_job(f"[{index}/{len(self.jobs)}] {job.run.name}", job, slot):
-                with self.lock:
+            tag = f"[{index}/{len(self.jobs)}] {job.run.name}"
+            try:
+                ok = self._run_job(tag, job, slot)
+            except OSError as error:  # e.g. --python names no program: this run fails, not all
+                self.say(f"{tag}: FAILED: {error}")
+                ok = False
+            with self.lock:
+                if ok:
+                    self.done += 1
+                else:
                     self.failed.append(job.run.name)
 
     def _run_job(self, tag: str, job: Job, slot: dict) -> bool:
         env = {**os.environ, **slot}
         where = f" on GPU {slot['CUDA_VISIBLE_DEVICES']}" if slot else ""
+        if job.replace and job.workdir.exists():
+            moved = replaced_dir(job)
+            moved.parent.mkdir(parents=True, exist_ok=True)
+            job.workdir.rename(moved)
+            self.say(f"{tag}: finished before; moved to {moved} to train it again")
         job.workdir.mkdir(parents=True, exist_ok=True)
         if job.train is None:
             self.say(f"{tag}: finished before, skipped")
@@ -127,6 +162,7 @@ class Runner:
                     job.train, cwd=sweeps.REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
                 )
             if code == 75:  # deeprnn.lifecycle.EXIT_PREEMPTED: checkpointed; rerunning resumes
+                self.stopping.set()
                 self.say(f"{tag}: stopped by a signal after a checkpoint; run the sweep again "
                          "to resume")
                 return False
@@ -134,7 +170,8 @@ class Runner:
                 self.say(f"{tag}: FAILED with exit code {code}; see {job.workdir / 'train.log'}")
                 return False
             self.say(f"{tag}: trained in {time.monotonic() - start:.1f}s")
-        for command, result_path in job.evaluations:
+        ok = True
+        for command, result_path in job.evaluations:  # each corpus scored even if one fails
             corpus = next(a.split("=", 1)[1] for a in command if a.startswith("--corpus="))
             self.say(f"{tag}: evaluating on {corpus}")
             result_path.parent.mkdir(parents=True, exist_ok=True)
@@ -145,11 +182,13 @@ class Runner:
                     command, cwd=sweeps.REPO_ROOT, env=env, stdout=result, stderr=log
                 )
             if code != 0:
+                partial.unlink()
                 self.say(f"{tag}: evaluation on {corpus} FAILED ({code}); see {log_path}")
-                return False
+                ok = False
+                continue
             partial.replace(result_path)  # present only once the evaluation completed
             self.say(f"{tag}: evaluation on {corpus} -> {result_path}")
-        return True
+        return ok
 
 
 def print_dry_run(jobs: list[Job], slots: list[dict]) -> None:
@@ -159,6 +198,9 @@ def print_dry_run(jobs: list[Job], slots: list[dict]) -> None:
         if job.train is None:
             print(f"# {job.run.name}: finished before, skipped")
         else:
+            if job.replace:
+                print(f"# {job.run.name}: finished before; moved to "
+                      f"{replaced_dir(job)} first")
             print(sweeps.shell_join(job.train, slot))
         for command, _ in job.evaluations:
             print(sweeps.shell_join(command, slot))

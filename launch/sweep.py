@@ -52,24 +52,38 @@ def load_sweep(name_or_path: str) -> Sweep:
             )
     spec = importlib.util.spec_from_file_location(f"deeprnn_sweep_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    for attribute in ("BASE_FLAGFILE", "runs"):
-        if not hasattr(module, attribute):
-            raise UsageError(f"sweep {path.stem} defines no {attribute}; see {SWEEPS_DIR}")
-    return Sweep(path.stem, module.BASE_FLAGFILE, _expand(path.stem, module.runs()))
+    try:  # the sweep's own code, e.g. a check of its constants: its error, on one line
+        spec.loader.exec_module(module)
+        for attribute in ("BASE_FLAGFILE", "runs"):
+            if not hasattr(module, attribute):
+                raise UsageError(f"sweep {path.stem} defines no {attribute}; see {SWEEPS_DIR}")
+        entries = list(module.runs())
+    except (ValueError, TypeError, KeyError, AttributeError, ImportError) as error:
+        if isinstance(error, UsageError):
+            raise
+        raise UsageError(f"sweep {path}: {type(error).__name__}: {error}; fix the sweep "
+                         "file") from error
+    return Sweep(path.stem, module.BASE_FLAGFILE, _expand(path.stem, entries))
 
 
 def _expand(sweep_name: str, entries) -> list[Run]:
     runs, seen = [], set()
     for entry in entries:
+        if not isinstance(entry, (tuple, list)) or len(entry) not in (2, 3):
+            raise UsageError(f"sweep {sweep_name}: run entry {entry!r} must be (name, flags) "
+                             "or (name, flags, {'eval_corpora': [...]})")
         name, flags, *rest = entry
         metadata = rest[0] if rest else {}
-        if not _RUN_NAME.match(name):
+        if not isinstance(name, str) or not _RUN_NAME.match(name):
             raise UsageError(f"sweep {sweep_name}: run name {name!r} must be [A-Za-z0-9_.-]")
         if name in seen:
             raise UsageError(f"sweep {sweep_name}: run name {name!r} appears twice")
         seen.add(name)
-        runs.append(Run(name, dict(flags), tuple(metadata.get("eval_corpora", ()))))
+        eval_corpora = metadata.get("eval_corpora", ())
+        if isinstance(eval_corpora, str) or not all(isinstance(c, str) for c in eval_corpora):
+            raise UsageError(f"sweep {sweep_name}: run {name}: eval_corpora must be a list of "
+                             f"corpus specs, got {eval_corpora!r}")
+        runs.append(Run(name, dict(flags), tuple(eval_corpora)))
     return runs
 
 
@@ -88,6 +102,8 @@ def select_runs(sweep: Sweep, patterns: str | None = None, seeds: str | None = N
             seed_values = [int(s) for s in seeds.split(",")]
         except ValueError as error:
             raise UsageError(f"--seeds={seeds} must be comma-separated integers") from error
+        if len(set(seed_values)) != len(seed_values):  # two runs would share one workdir
+            raise UsageError(f"--seeds={seeds} names a seed twice; give each seed once")
         runs = [
             Run(f"{r.name}_seed{s}", {**r.flags, "seed": s}, r.eval_corpora)
             for r in runs

@@ -48,6 +48,8 @@ with open(workdir / "calls.txt", "a") as f:
                         "gpus": os.environ.get("CUDA_VISIBLE_DEVICES")}) + "\\n")
 if flags.get("cell") == "broken":
     sys.exit(3)
+if flags.get("cell") == "stopped":  # as a run stopped by Ctrl-C after its checkpoint
+    sys.exit(75)
 summary = {"flags": flags, "steps_done": 2, "finished": True,
            "final": {"test/perplexity": 5.0}}
 (workdir / "summary.json").write_text(json.dumps(summary))
@@ -57,6 +59,9 @@ FAKE_EVALUATE = """
 import json, sys
 flags = dict(a[2:].split("=", 1) for a in sys.argv[1:])
 print("loading", file=sys.stderr)
+if flags["corpus"] == "unreadable":
+    print('{"half', flush=True)
+    sys.exit(4)
 print(json.dumps({"corpus": flags["corpus"], "split": flags["split"], "perplexity": 9.5}))
 """
 
@@ -141,6 +146,69 @@ def test_local_runner_spreads_runs_over_gpus_and_reports_failures(
                                         {"CUDA_VISIBLE_DEVICES": "2,3"}]
     with pytest.raises(UsageError, match="multiple"):
         local.device_slots(3, 2)
+
+
+def test_rerun_finished_trains_again_in_a_fresh_folder_and_keeps_the_old_one(
+        tiny_sweep, tmp_path, fake_programs, capsys):
+    sweep_path, _ = tiny_sweep
+    sweep_dir = tmp_path / "runs"
+    argv = [f"--sweep={sweep_path}", f"--sweep_dir={sweep_dir}", *fake_programs, "--runs=small"]
+    assert local.main(argv) == 0
+    assert local.main([*argv, "--rerun_finished"]) == 0
+    assert "small: finished before; moved to" in capsys.readouterr().out
+    (moved,) = (sweep_dir / ".replaced").iterdir()
+    assert moved.name.startswith("small-") and len(calls_of(moved)) == 1
+    assert len(calls_of(sweep_dir / "small")) == 1  # trained from scratch, not resumed
+    assert sorted(p.name for p in sweep_dir.glob("*/summary.json")) == ["summary.json"]
+
+
+def test_a_stopped_run_stops_the_sweep_and_a_missing_program_fails_each_run(
+        tiny_sweep, tmp_path, fake_programs, capsys):
+    sweep_path, _ = tiny_sweep
+    sweep_dir = tmp_path / "runs"
+    code = local.main([f"--sweep={sweep_path}", f"--sweep_dir={sweep_dir}", *fake_programs,
+                       "--", "--cell=stopped"])
+    assert code == 75
+    assert "1 runs not started" in capsys.readouterr().out
+    assert (sweep_dir / "small").exists() and not (sweep_dir / "deep").exists()
+    code = local.main([f"--sweep={sweep_path}", f"--sweep_dir={tmp_path / 'other'}",
+                       "--python=/nonexistent/python"])
+    out = capsys.readouterr().out
+    assert code == 1 and out.count("FAILED: [Errno 2]") == 2 and "2 of 2 runs failed" in out
+
+
+def test_every_eval_corpus_is_scored_when_one_fails(tmp_path, fake_programs, capsys):
+    flagfile = tmp_path / "tiny.flags"
+    flagfile.write_text("--num_train_steps=2\n")
+    sweep_path = tmp_path / "evals.py"
+    sweep_path.write_text(f"BASE_FLAGFILE = {str(flagfile)!r}\ndef runs():\n    yield 'a', "
+                          "{}, {'eval_corpora': ['unreadable', 'war_and_peace']}\n")
+    sweep_dir = tmp_path / "runs"
+    assert local.main([f"--sweep={sweep_path}", f"--sweep_dir={sweep_dir}",
+                       *fake_programs]) == 1
+    assert "evaluation on unreadable FAILED (4)" in capsys.readouterr().out
+    assert sorted(p.name for p in (sweep_dir / "a/eval").iterdir()) == [
+        "unreadable-test.log", "war_and_peace-test.json", "war_and_peace-test.log"]
+
+
+@pytest.mark.parametrize("body, message", [
+    ("def runs():\n    raise ValueError('TOKEN_BUDGET must be positive')\n",
+     "ValueError: TOKEN_BUDGET must be positive; fix the sweep file"),
+    ("def runs():\n    yield ('only_a_name',)\n", "run entry ('only_a_name',) must be"),
+    ("def runs():\n    yield 'a', {}, {'eval_corpora': 'war_and_peace'}\n",
+     "eval_corpora must be a list of corpus specs"),
+], ids=["runs_raises", "short_entry", "eval_corpora_string"])
+def test_a_broken_sweep_file_is_one_usage_error(tmp_path, body, message):
+    path = tmp_path / "broken.py"
+    path.write_text("BASE_FLAGFILE = 'x.flags'\n" + body)
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        sweeps.load_sweep(str(path))
+
+
+def test_a_seed_given_twice_is_refused(tiny_sweep):
+    sweep = sweeps.load_sweep(str(tiny_sweep[0]))
+    with pytest.raises(UsageError, match="names a seed twice"):
+        sweeps.select_runs(sweep, seeds="0,0")
 
 
 # ---------------------------------------------------------------- TPU launcher
