@@ -56,7 +56,11 @@ class Gcloud:
             print("+ " + sweeps.shell_join(command), flush=True)
         if self.dry_run:
             return None
-        return subprocess.run(command, check=check, text=True, capture_output=capture)
+        try:
+            return subprocess.run(command, check=check, text=True, capture_output=capture)
+        except FileNotFoundError as error:
+            raise UsageError("gcloud is not on PATH; install the Google Cloud CLI and run "
+                             "`gcloud auth login`") from error
 
 
 class TpuLauncher:
@@ -67,6 +71,13 @@ class TpuLauncher:
         project = [f"--project={args.project}"] if args.project else []
         self.location = [f"--zone={args.zone}", *project]
         self._source_tarball: str | None = None
+        owners: dict[str, str] = {}  # names are lower-cased, sanitised and cut to 63 chars
+        for run in sweep.runs:
+            other = owners.setdefault(self.tpu_name(run), run.name)
+            if other != run.name:
+                raise UsageError(f"runs {other} and {run.name} would share the TPU name "
+                                 f"{self.tpu_name(run)}; rename one, or shorten --name_prefix "
+                                 "or --sweep_name")
 
     # Names and places.
     def tpu_name(self, run: sweeps.Run) -> str:
@@ -138,17 +149,21 @@ class TpuLauncher:
     def install(self, run: sweeps.Run) -> None:
         """Python 3.11 in ~/venv (TPU images ship 3.10), the code in ~/deeprnn, '.[tpu,gcs]'."""
         a = self.args
+        # One command per step: `set -e` ignores a failure inside an && chain, which let a
+        # failed fetch install the old checkout. FETCH_HEAD is the ref as the remote has it
+        # now (a branch's newest commit, a tag, a commit), whatever was checked out before.
         if a.repo_url:
-            fetch = (f"([ -d {REMOTE_CODE} ] || git clone -q {shlex.quote(a.repo_url)} "
-                     f"{REMOTE_CODE}) && cd {REMOTE_CODE} && git fetch -q origin && "
-                     f"git checkout -q {shlex.quote(a.ref)}")
+            fetch = [f"[ -d {REMOTE_CODE} ] || git clone -q {shlex.quote(a.repo_url)} "
+                     f"{REMOTE_CODE}", f"cd {REMOTE_CODE}",
+                     f"git fetch -q origin {shlex.quote(a.ref)}",
+                     "git checkout -q --force --detach FETCH_HEAD"]
         else:
             tarball = self.source_tarball()
             self.gcloud(["compute", "tpus", "tpu-vm", "scp", tarball,
                          f"{self.tpu_name(run)}:deeprnn-src.tar.gz", *self.location,
                          "--worker=all"])
-            fetch = (f"rm -rf {REMOTE_CODE} && mkdir -p {REMOTE_CODE} && "
-                     f"tar -xzf ~/deeprnn-src.tar.gz -C {REMOTE_CODE} && cd {REMOTE_CODE}")
+            fetch = [f"rm -rf {REMOTE_CODE}", f"mkdir -p {REMOTE_CODE}",
+                     f"tar -xzf ~/deeprnn-src.tar.gz -C {REMOTE_CODE}", f"cd {REMOTE_CODE}"]
         steps = [
             "set -e",
             f"mkdir -p {REMOTE_RUNS}",
@@ -158,7 +173,7 @@ class TpuLauncher:
             "python3 -m pip install -q --user uv",
             f"[ -x {REMOTE_PYTHON} ] || ~/.local/bin/uv venv -q --python {a.python_version} "
             "$HOME/venv",
-            fetch,
+            *fetch,
             f'~/.local/bin/uv pip install -q --python {REMOTE_PYTHON} -e ".[tpu,gcs]"',
         ]
         self.ssh(run, "; ".join(steps))

@@ -403,9 +403,27 @@ def test_tpu_dry_run_prints_every_command_and_runs_none(fake_gcloud, capsys):
     assert sum("deeprnn.train --flagfile=experiments/time_machine_lstm.flags" in line
                for line in lines) == 9
     assert sum("git clone -q https://example.com/deeprnn.git" in line for line in lines) == 9
+    # Each step its own command under `set -e`, so a failed fetch stops the install.
+    assert sum("; git fetch -q origin abc123; git checkout -q --force --detach FETCH_HEAD; "
+               in line for line in lines) == 9
     assert "--workdir=gs://bkt/depth_cell/gru_l4 --corpus=time_machine --cell=gru " \
            "--num_layers=4" in "\n".join(lines)
     assert calls() == []
+
+
+def test_runs_that_would_share_a_tpu_name_are_refused(tmp_path):
+    path = tmp_path / "names.py"
+    path.write_text("BASE_FLAGFILE = 'x.flags'\ndef runs():\n    yield 'a_b', {}\n"
+                    "    yield 'A.B', {}\n")
+    with pytest.raises(UsageError, match="runs a_b and A.B would share the TPU name "
+                                         "deeprnn-names-a-b"):
+        tpu.main(["up", f"--sweep={path}", "--bucket=gs://bkt", "--zone=z", "--dry_run"])
+
+
+def test_a_missing_gcloud_is_a_usage_error(tiny_sweep, monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(UsageError, match="gcloud is not on PATH"):
+        tpu.main(["status", f"--sweep={tiny_sweep[0]}", "--bucket=gs://bkt", "--zone=z"])
 
 
 def test_tpu_bad_bucket_is_a_usage_error(tiny_sweep):
