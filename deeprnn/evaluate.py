@@ -49,13 +49,26 @@ def evaluate_ids(step_fn, model_config, params, ids: np.ndarray, *, batch_size: 
     return {**steps.summarize(float(loss_sum), float(tokens)), "tokens": float(tokens)}
 
 
+def scoring_config(run_config, corpus: str | None, data_dir: str | None, split: str):
+    """The run's data flags for scoring `corpus` (None: its own). `all` is the whole text; the
+    run's --max_tokens, a budget for its own training text, does not cut another corpus."""
+    overrides = {"corpus": corpus or run_config.corpus,
+                 "data_dir": data_dir or run_config.data_dir}
+    if overrides["corpus"] != run_config.corpus:
+        overrides["max_tokens"] = 0
+    if split == "all":
+        overrides.update(split="1,0,0", max_tokens=0)
+    return dataclasses.replace(run_config, **overrides)
+
+
 FLAGS = flags.FLAGS
 
 
 def _define_flags() -> None:
     """Defined only when run as a program, so importing this module adds no flags."""
     flags.DEFINE_string("workdir", None, "Run folder of a trained run (its newest checkpoint).")
-    flags.DEFINE_string("corpus", None, "Corpus spec to score (default: the run's own corpus).")
+    flags.DEFINE_string("corpus", None, "Corpus spec to score (default: the run's own corpus; "
+                        "another corpus is read whole, not cut to the run's --max_tokens).")
     flags.DEFINE_string("data_dir", None, "Folder of raw <name>.txt files (default: the run's, "
                         "or $DEEPRNN_DATA_DIR).")
     flags.DEFINE_enum("split", "test", ["train", "validation", "test", "all"],
@@ -71,11 +84,7 @@ def main(argv):
         if not FLAGS.workdir:
             raise UsageError("--workdir is required: the folder of a trained run")
         run = load_trained_run(FLAGS.workdir)
-        overrides = {"corpus": FLAGS.corpus or run.config.corpus,
-                     "data_dir": FLAGS.data_dir or run.config.data_dir}
-        if FLAGS.split == "all":
-            overrides.update(split="1,0,0", max_tokens=0)
-        config = dataclasses.replace(run.config, **overrides)
+        config = scoring_config(run.config, FLAGS.corpus, FLAGS.data_dir, FLAGS.split)
         splits = load_splits(config, run.vocab)
         ids = splits.train if FLAGS.split == "all" else getattr(splits, FLAGS.split)
         result = evaluate_ids(single_device_eval_fn(run.model_config), run.model_config,

@@ -235,6 +235,19 @@ def test_evaluate_command_scores_other_text(finished_run, tmp_path):
     assert not INFO_LOG_LINE.search(out.stderr), out.stderr[:300]
 
 
+def test_another_corpus_is_scored_whole_not_cut_to_the_runs_max_tokens():
+    from deeprnn.evaluate import scoring_config
+    from deeprnn.flags import RunConfig
+
+    trained = RunConfig(corpus="time_machine", max_tokens=10000, split="0.9,0.05,0.05")
+    own = scoring_config(trained, None, None, "test")
+    other = scoring_config(trained, "war_and_peace", "/mirror", "test")
+    whole = scoring_config(trained, None, None, "all")
+    assert (own.corpus, own.max_tokens) == ("time_machine", 10000)  # the run's own test split
+    assert (other.corpus, other.max_tokens, other.data_dir) == ("war_and_peace", 0, "/mirror")
+    assert (whole.split, whole.max_tokens) == ("1,0,0", 0)
+
+
 def test_profile_steps_write_a_trace_for_tensorboard(text_file, tmp_path):
     run(tiny_argv(text_file, tmp_path, "--num_train_steps=6", "--profile_steps=2,3",
                   "--eval_every=6", "--checkpoint_every=6"))
