@@ -63,6 +63,8 @@ class RunCheckpoints:
     """Saves and restores {state: pytree, meta: json} items under one directory."""
 
     def __init__(self, directory: str, *, max_to_keep: int | None = 3, async_save: bool = True):
+        if "://" not in os.fspath(directory):  # Orbax refuses relative paths (runs/d2l_lstm)
+            directory = os.path.abspath(directory)
         self.directory = epath.Path(directory)
         self._manager = ocp.CheckpointManager(
             self.directory,
@@ -115,12 +117,24 @@ class RunCheckpoints:
         return steps[-1] if steps else None
 
     # -- save / restore -----------------------------------------------------------------
-    def save(self, step: int, state: Any, meta: dict, *, wait: bool = False) -> None:
+    def save(self, step: int, state: Any, meta: dict, *, wait: bool = False,
+             drop_later: bool = False) -> None:
+        """Saves `step`. Orbax skips a step below its newest folder, so folders after `step`
+        go first: incomplete ones always (a crash left them; the run resumed before them), and
+        complete ones with `drop_later` (best/: a best from a run rewound past it)."""
         # The previous async save must finish (and get its record) before this one starts.
         self.wait()
+        complete = set(self.complete_steps())
+        later = [s for s in self._manager.all_steps()
+                 if s > step and (drop_later or s not in complete)]
+        if later:
+            logging.warning("deleting checkpoint step(s) %s in %s, after step %d that this run "
+                            "saves now", later, self.directory, step)
+            for stale in later:
+                self._manager.delete(stale)
         if step in self._manager.all_steps():
             # A step saved before a crash but never completed: replace it.
-            if step in self.complete_steps():
+            if step in complete:
                 return
             self._manager.delete(step)
         self._unrecorded.append(step)

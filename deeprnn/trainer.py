@@ -361,7 +361,7 @@ def _all_finite(tree) -> bool:
 
 def _save_best(workdir, params, step):
     best = RunCheckpoints(f"{workdir}/best", max_to_keep=1, async_save=False)
-    best.save(step, {"params": params}, {"step": step}, wait=True)
+    best.save(step, {"params": params}, {"step": step}, wait=True, drop_later=True)
     best.close()
 
 

@@ -148,6 +148,33 @@ def test_resume_equals_uninterrupted(text_file, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, pa, pb)
 
 
+def test_a_relative_workdir_trains_saves_and_loads(text_file, tmp_path, monkeypatch):
+    from deeprnn.runs import load_trained_run
+
+    monkeypatch.chdir(tmp_path)  # Orbax refuses relative paths; the README's use them
+    summary = run(tiny_argv(text_file, pathlib.Path("runs/rel"), "--num_train_steps=20"))
+    assert summary["finished"] and load_trained_run("runs/rel").step == 20
+
+
+def test_resume_below_steps_a_crash_left_saves_over_them(text_file, tmp_path):
+    """A crash after best/40 and during checkpoints/40: the run resumes from 20 and must save
+    best/30 and checkpoints/30 below them (Orbax skips a step below its newest folder)."""
+    from deeprnn.checkpoints import COMPLETE_RECORD, RunCheckpoints
+
+    argv = ["--eval_every=10", "--checkpoint_every=20"]
+    run(tiny_argv(text_file, tmp_path, *argv))
+    best = RunCheckpoints(str(tmp_path / "best"), max_to_keep=1, async_save=False)
+    assert best.complete_steps() == [40]  # validation improves at every evaluation here
+    best.close()
+    (tmp_path / "checkpoints" / "40" / COMPLETE_RECORD).unlink()  # as if killed in the save
+    summary = run(tiny_argv(text_file, tmp_path, *argv, "--num_train_steps=30"))
+    assert summary["finished"] and summary["best"]["step"] == 30
+    for folder, expected in (("best", [30]), ("checkpoints", [20, 30])):
+        store = RunCheckpoints(str(tmp_path / folder), async_save=False)
+        assert (store.complete_steps(), store.incomplete_steps()) == (expected, []), folder
+        store.close()
+
+
 def test_flags_after_flagfile_override_it(tmp_path):
     config, _ = parse_args([f"--flagfile={REPO}/experiments/d2l_lstm.flags", "--lr=0.25",
                             "--num_layers=3"])
