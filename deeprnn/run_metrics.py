@@ -100,6 +100,16 @@ def skipped_updates(opt_state) -> int:
     return int(np.asarray(jax.device_get(opt_state.total_notfinite)).ravel().max())
 
 
+def throughput(steps_run: int, train_time: float, first_call, tokens_per_step: int) -> float:
+    """Tokens per second of training, leaving out the first call (its compilation would
+    otherwise count as training time: on a GPU it can take longer than the whole run's
+    steps); with nothing after the first call, the first call is all there is."""
+    seconds, steps = first_call
+    if steps_run > steps and train_time > seconds:
+        steps_run, train_time = steps_run - steps, train_time - seconds
+    return steps_run * tokens_per_step / max(train_time, 1e-9)
+
+
 def seed_record(prefix: str, per_seed: list[dict]) -> dict:
     """Tags for one split: the value itself for one seed; for several, the mean over seeds
     under the plain tag, `<tag>_std` for their spread and `seed_<k>/<tag>` for each."""

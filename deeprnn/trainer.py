@@ -31,9 +31,10 @@ from deeprnn.run_metrics import (
     run_summary,
     seed_record,
     skipped_updates,
+    throughput,
     train_records,
 )
-from deeprnn.writers import RunWriter, write_summary
+from deeprnn.writers import RunWriter, finished_summary, write_summary
 
 
 def model_config_for(config: RunConfig, vocab_size: int) -> models.ModelConfig:
@@ -191,6 +192,10 @@ def _train_with_store(config, workdir, stop, store, is_main, start_time):
         if is_main:  # the CLI hides INFO logs; a resume is worth one visible line
             print(f"resuming from step {resume_step} in {workdir}", file=sys.stderr)
     start_step = int(np.asarray(state.step).ravel()[0])
+    if start_step >= num_train_steps and (done := finished_summary(workdir, start_step)):
+        if is_main:  # rerunning would rewrite its summary with an empty run's speed and time
+            print(f"{workdir} finished at step {start_step}; nothing to do", file=sys.stderr)
+        return done
     state, carry = devices.from_logical(state, carry)  # global batch -> this process
 
     def logical_params():
@@ -316,7 +321,7 @@ def _train_with_store(config, workdir, stop, store, is_main, start_time):
             checkpoint(step, wait=step == num_train_steps or stopping)
         interval_start = time.time()  # evaluation, samples and checkpoints excluded
         meta_info.update(steps_done=step, wall_time_s=time.time() - start_time,
-                         tokens_per_sec=_throughput(timed_steps, train_time, first_call,
+                         tokens_per_sec=throughput(timed_steps, train_time, first_call,
                                                     tokens_per_step))
         # Rewritten (fsync, or a GCS upload) when it gains a score or a checkpoint, not each epoch.
         if is_main and (evaluate_now or save_now):
@@ -337,16 +342,6 @@ def _train_with_store(config, workdir, stop, store, is_main, start_time):
         _print_book_lines(config, model_config, local_params(), splits, progress, meta_info)
     writer.close()
     return summary
-
-
-def _throughput(steps_run: int, train_time: float, first_call, tokens_per_step: int) -> float:
-    """Tokens per second of training, leaving out the first call (its compilation would
-    otherwise count as training time: on a GPU it can take longer than the whole run's
-    steps); with nothing after the first call, the first call is all there is."""
-    seconds, steps = first_call
-    if steps_run > steps and train_time > seconds:
-        steps_run, train_time = steps_run - steps, train_time - seconds
-    return steps_run * tokens_per_step / max(train_time, 1e-9)
 
 
 def _all_finite(tree) -> bool:

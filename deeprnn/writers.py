@@ -93,6 +93,15 @@ def read_summary(workdir: str) -> dict:
     return json.loads(path.read_text())
 
 
+def finished_summary(workdir: str, step: int) -> dict | None:
+    """The summary of a run that already finished at `step` (its last checkpoint), else None."""
+    try:
+        summary = read_summary(workdir)
+    except ValueError:  # none yet (UsageError), or cut off by a crash (JSONDecodeError)
+        return None
+    return summary if summary.get("finished") and summary.get("steps_done") == step else None
+
+
 def read_metrics(workdir: str) -> list[dict]:
     """The records of `workdir/metrics.jsonl` in step order; [] when the file does not exist."""
     path = epath.Path(workdir) / METRICS_FILE

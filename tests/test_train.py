@@ -148,6 +148,15 @@ def test_resume_equals_uninterrupted(text_file, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, pa, pb)
 
 
+def test_rerunning_a_finished_run_changes_nothing(text_file, tmp_path, capsys):
+    argv = tiny_argv(text_file, tmp_path, "--num_train_steps=20")
+    first = run(argv)
+    before = (tmp_path / "summary.json").read_text()
+    assert run(argv) == first and first["tokens_per_sec"] > 0
+    assert (tmp_path / "summary.json").read_text() == before
+    assert f"{tmp_path} finished at step 20; nothing to do" in capsys.readouterr().err
+
+
 def test_a_relative_workdir_trains_saves_and_loads(text_file, tmp_path, monkeypatch):
     from deeprnn.runs import load_trained_run
 
@@ -283,9 +292,9 @@ def test_profile_steps_write_a_trace_for_tensorboard(text_file, tmp_path):
 
 
 def test_throughput_leaves_the_first_call_out():
-    from deeprnn.trainer import _throughput
+    from deeprnn.run_metrics import throughput
 
     # 100 steps of 50 tokens in 12 s, of which the first call took 2 s for 10 steps.
-    assert _throughput(100, 12.0, (2.0, 10), 50) == pytest.approx(90 * 50 / 10.0)
+    assert throughput(100, 12.0, (2.0, 10), 50) == pytest.approx(90 * 50 / 10.0)
     # A run of one call has nothing else to measure: the first call stays in.
-    assert _throughput(10, 2.5, (2.5, 10), 50) == pytest.approx(10 * 50 / 2.5)
+    assert throughput(10, 2.5, (2.5, 10), 50) == pytest.approx(10 * 50 / 2.5)
