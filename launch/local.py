@@ -68,7 +68,9 @@ def replaced_dir(job: Job) -> pathlib.Path:
 
 def device_slots(parallel_gpus: int, gpus_per_run: int) -> list[dict]:
     """One environment per concurrent run; no GPUs asked for means one run at a time."""
-    if parallel_gpus <= 0:
+    if parallel_gpus < 0:
+        raise UsageError(f"--parallel_gpus={parallel_gpus} must be 0 (one run at a time) or more")
+    if parallel_gpus == 0:
         return [{}]
     if gpus_per_run <= 0 or parallel_gpus % gpus_per_run:
         raise UsageError(
@@ -230,14 +232,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     sweep = sweeps.select_runs(sweeps.load_sweep(args.sweep), args.runs, args.seeds)
     sweep_dir = pathlib.Path(args.sweep_dir).absolute()
+    if args.data_dir and "://" not in args.data_dir:  # the runs' working folder is the repo's
+        args.data_dir = str(pathlib.Path(args.data_dir).absolute())
     slots = device_slots(args.parallel_gpus, args.gpus_per_run)
+    flagfile = pathlib.Path(sweep.base_flagfile)
+    if not (flagfile if flagfile.is_absolute() else sweeps.REPO_ROOT / flagfile).is_file():
+        raise UsageError(f"sweep {sweep.name}: flagfile {flagfile} does not exist; write it first")
     jobs = plan_jobs(sweep, sweep_dir, args)
     if args.dry_run:
         print_dry_run(jobs, slots)
         return 0
-    flagfile = pathlib.Path(sweep.base_flagfile)
-    if not (flagfile if flagfile.is_absolute() else sweeps.REPO_ROOT / flagfile).is_file():
-        raise UsageError(f"sweep {sweep.name}: flagfile {flagfile} does not exist; write it first")
     print(f"sweep {sweep.name}: {len(jobs)} runs in {sweep_dir}, {len(slots)} at a time")
     code = Runner(jobs, slots).run_all()
     print(f"compare: tensorboard --logdir={sweep_dir}   report: "

@@ -146,6 +146,20 @@ def test_local_runner_spreads_runs_over_gpus_and_reports_failures(
                                         {"CUDA_VISIBLE_DEVICES": "2,3"}]
     with pytest.raises(UsageError, match="multiple"):
         local.device_slots(3, 2)
+    with pytest.raises(UsageError, match="must be 0"):
+        local.device_slots(-2, 1)
+
+
+def test_local_dry_run_reads_data_dir_from_here_and_needs_the_flagfile(
+        tiny_sweep, tmp_path, monkeypatch, capsys):
+    sweep_path, flagfile = tiny_sweep
+    monkeypatch.chdir(tmp_path)  # the runs themselves run in the repository's folder
+    assert local.main([f"--sweep={sweep_path}", "--sweep_dir=runs", "--dry_run",
+                       "--data_dir=mirror", "--runs=small"]) == 0
+    assert f"--data_dir={tmp_path / 'mirror'} " in capsys.readouterr().out
+    flagfile.unlink()
+    with pytest.raises(UsageError, match="does not exist"):
+        local.main([f"--sweep={sweep_path}", "--sweep_dir=runs", "--dry_run"])
 
 
 def test_rerun_finished_trains_again_in_a_fresh_folder_and_keeps_the_old_one(
