@@ -1,7 +1,10 @@
-"""Test session setup: one JAX compilation cache shared by this process and its subprocesses."""
+"""Test session setup: one JAX compilation cache shared by this process and its subprocesses;
+the tiny sweep of the launcher tests."""
 
 import os
 import pathlib
+
+import pytest
 
 _CACHE = pathlib.Path(__file__).resolve().parent.parent / ".jax_cache" / "tests"
 _CACHE.mkdir(parents=True, exist_ok=True)
@@ -16,3 +19,21 @@ jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 SHARED_CORPORA = pathlib.Path(__file__).resolve().parent.parent.parent / "shared" / "corpora"
+
+# A two-run sweep for the launcher tests (test_launch.py, test_launch_tpu.py).
+TINY_SWEEP = """
+BASE_FLAGFILE = {flagfile!r}
+
+def runs():
+    yield "small", {{"cell": "gru", "num_layers": 1}}
+    yield "deep", {{"cell": "lstm", "num_layers": 3}}, {{"eval_corpora": ["war_and_peace"]}}
+"""
+
+
+@pytest.fixture
+def tiny_sweep(tmp_path):
+    flagfile = tmp_path / "tiny.flags"
+    flagfile.write_text("--corpus=time_machine\n--num_train_steps=2\n")
+    path = tmp_path / "tiny.py"
+    path.write_text(TINY_SWEEP.format(flagfile=str(flagfile)))
+    return path, flagfile

@@ -1,0 +1,242 @@
+"""The TPU launcher against a fake gcloud.
+
+The fake gcloud is a script placed first on PATH. It checks each subcommand's flags the way
+the real one would need them, keeps TPU states in files, records every call, and reports one
+TPU as PREEMPTED once so that the re-queue path runs.
+"""
+
+import json
+import os
+import shlex
+import sys
+import tarfile
+
+import pytest
+
+from deeprnn.errors import UsageError
+from launch import sweep as sweeps
+from launch import tpu
+
+FAKE_GCLOUD = r"""#!{python}
+import json, os, pathlib, sys
+args = sys.argv[1:]
+state_dir = pathlib.Path(os.environ["FAKE_GCLOUD_STATE"])
+with open(state_dir / "calls.jsonl", "a") as f:
+    f.write(json.dumps(args) + "\n")
+flags = {{a.split("=", 1)[0]: a.split("=", 1)[1] if "=" in a else True
+         for a in args if a.startswith("--")}}
+words = [a for a in args if not a.startswith("--")]
+
+def fail(message, code=2):
+    print("fake gcloud: " + message, file=sys.stderr)
+    sys.exit(code)
+
+def need(*names):
+    missing = [n for n in names if n not in flags]
+    if missing:
+        fail("missing " + " ".join(missing))
+
+def tpu_file(name):
+    return state_dir / ("tpu-" + name)
+
+if words[:3] == ["compute", "tpus", "queued-resources"]:
+    verb, name = words[3], words[4]
+    need("--zone")
+    if verb == "create":
+        need("--node-id", "--accelerator-type", "--runtime-version")
+        if flags["--node-id"] != name or tpu_file(name).exists():
+            fail("bad node id or already exists")
+        tpu_file(name).write_text("ACTIVE")
+    elif verb == "describe":
+        need("--format")
+        if not tpu_file(name).exists():
+            fail("NOT_FOUND: " + name, 1)
+        state = tpu_file(name).read_text()
+        preempt = state_dir / ("preempt-" + name)
+        if preempt.exists():  # preempted once: SUSPENDED until deleted and created again
+            preempt.unlink()
+            state = "SUSPENDED"
+            tpu_file(name).write_text(state)
+        print(state)
+    elif verb == "delete":
+        need("--force", "--quiet")
+        tpu_file(name).unlink()
+    else:
+        fail("unexpected " + verb)
+elif words[:3] == ["compute", "tpus", "tpu-vm"]:
+    verb, name = words[3], words[4]
+    need("--zone", "--worker")
+    if flags["--worker"] != "all":
+        fail("--worker must be all")
+    if verb == "ssh":
+        need("--command")
+        if tpu_file(name).read_text() != "ACTIVE":
+            fail("ssh to a TPU that is not ACTIVE")
+    elif verb == "scp":
+        source, target = words[4], words[5]
+        name = target.split(":")[0]
+        if not (pathlib.Path(source).is_file() and tpu_file(name).read_text() == "ACTIVE"):
+            fail("scp needs a file and an ACTIVE TPU")
+    else:
+        fail("unexpected " + verb)
+elif words[:2] == ["storage", "cat"]:
+    fail("no such object " + words[2], 1)
+else:
+    fail("unexpected command " + " ".join(words), 3)
+"""
+
+
+@pytest.fixture
+def fake_gcloud(tmp_path, monkeypatch):
+    bin_dir, state_dir = tmp_path / "bin", tmp_path / "gcloud_state"
+    bin_dir.mkdir()
+    state_dir.mkdir()
+    script = bin_dir / "gcloud"
+    script.write_text(FAKE_GCLOUD.format(python=sys.executable))
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_GCLOUD_STATE", str(state_dir))
+
+    def calls():
+        path = state_dir / "calls.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def preempt(name):
+        (state_dir / f"preempt-{name}").write_text("")
+
+    return calls, preempt
+
+
+def tpu_main(command, sweep_path, *extra):
+    return tpu.main([command, f"--sweep={sweep_path}", "--bucket=gs://bkt/sweeps",
+                     "--project=proj", "--zone=us-central2-b", "--spot", *extra])
+
+
+def test_tpu_up_run_status_down_against_fake_gcloud(tiny_sweep, fake_gcloud, capsys):
+    calls, _ = fake_gcloud
+    sweep_path, flagfile = tiny_sweep
+    tpu_main("up", sweep_path)
+    assert calls() == [
+        ["compute", "tpus", "queued-resources", "create", f"deeprnn-tiny-{run}",
+         f"--node-id=deeprnn-tiny-{run}", "--zone=us-central2-b", "--project=proj",
+         "--accelerator-type=v4-8", "--runtime-version=tpu-ubuntu2204-base", "--spot"]
+        for run in ("small", "deep")]
+
+    tpu_main("run", sweep_path, "--", "--num_train_steps=9")
+    run_calls = calls()[2:]
+    verbs = [" ".join(c[:4] if c[0] == "compute" else c[:2]) for c in run_calls]
+    assert verbs == 2 * ["compute tpus queued-resources describe", "storage cat",
+                         "compute tpus tpu-vm scp", "compute tpus tpu-vm ssh",
+                         "compute tpus tpu-vm ssh"]
+    with tarfile.open(run_calls[2][4]) as tar:  # the working tree travels to the workers
+        assert {"launch/tpu.py", "deeprnn/report.py"} <= set(tar.getnames())
+    install, start = run_calls[8][-1], run_calls[9][-1]
+    assert install.startswith("--command=set -e;") and "-e \".[tpu,gcs]\"" in install
+    assert "flock -n" in start and ">> ~/deeprnn-runs/deep.log" in start
+    # The remote script: train with the flagfile and a gs:// workdir, then the other corpus.
+    inner = shlex.split(start.split("bash -c ", 1)[1])[0]
+    assert inner == (
+        f"set -o pipefail; $HOME/venv/bin/python -m deeprnn.train --flagfile={flagfile} "
+        "--workdir=gs://bkt/sweeps/tiny/deep --cell=lstm --num_layers=3 --num_train_steps=9 "
+        "--multihost && "
+        "$HOME/venv/bin/python -m deeprnn.evaluate --workdir=gs://bkt/sweeps/tiny/deep "
+        "--corpus=war_and_peace --split=test | gcloud storage cp - "
+        "gs://bkt/sweeps/tiny/deep/eval/war_and_peace-test.json")
+    assert "tensorboard --logdir=gs://bkt/sweeps/tiny" in capsys.readouterr().out
+
+    tpu_main("status", sweep_path)
+    out = capsys.readouterr().out
+    assert "deeprnn-tiny-small" in out and "ACTIVE" in out and "0/? steps" in out
+
+    before = len(calls())
+    tpu_main("down", sweep_path)
+    assert calls()[before:] == [
+        ["compute", "tpus", "queued-resources", "delete", f"deeprnn-tiny-{run}",
+         "--zone=us-central2-b", "--project=proj", "--force", "--quiet"]
+        for run in ("small", "deep")]
+
+
+def test_tpu_requeue_recreates_a_preempted_spot_tpu_and_run_restarts_it(
+        tiny_sweep, fake_gcloud, capsys):
+    calls, preempt = fake_gcloud
+    sweep_path, _ = tiny_sweep
+    tpu_main("up", sweep_path)
+    preempt("deeprnn-tiny-deep")
+    before = len(calls())
+    tpu_main("requeue", sweep_path)
+    requeue_calls = [c[:5] for c in calls()[before:]]
+    assert requeue_calls == [
+        ["compute", "tpus", "queued-resources", "describe", "deeprnn-tiny-small"],
+        ["compute", "tpus", "queued-resources", "describe", "deeprnn-tiny-deep"],
+        ["storage", "cat", "gs://bkt/sweeps/tiny/deep/summary.json"],
+        ["compute", "tpus", "queued-resources", "delete", "deeprnn-tiny-deep"],
+        ["compute", "tpus", "queued-resources", "create", "deeprnn-tiny-deep"],
+    ]
+    assert "deep: TPU SUSPENDED, queued again" in capsys.readouterr().out
+    # The new TPU is ACTIVE: `run` installs again and restarts the run on its gs:// workdir.
+    before = len(calls())
+    tpu_main("run", sweep_path, "--runs=deep")
+    assert [c[3] for c in calls()[before:] if c[0] == "compute"] == [
+        "describe", "scp", "ssh", "ssh"]
+
+
+def test_tpu_watch_requeues_and_starts_each_run_once_per_tpu(tiny_sweep, fake_gcloud):
+    calls, preempt = fake_gcloud
+    sweep_path, _ = tiny_sweep
+    tpu_main("up", sweep_path, "--runs=deep")
+    preempt("deeprnn-tiny-deep")
+    tpu_main("watch", sweep_path, "--runs=deep", "--poll_s=0", "--max_polls=3")
+    verbs = [c[3] for c in calls() if c[0] == "compute"]
+    # Three polls, one preemption: created twice, started once (on the re-created TPU).
+    assert verbs.count("create") == 2 and verbs.count("delete") == 1
+    starts = [c for c in calls()
+              if c[0] == "compute" and c[3] == "ssh" and "deeprnn.train" in c[-1]]
+    assert len(starts) == 1
+
+
+def test_tpu_dry_run_prints_every_command_and_runs_none(fake_gcloud, capsys):
+    calls, _ = fake_gcloud
+    tpu.main(["up", "--sweep=depth_cell", "--bucket=gs://bkt", "--zone=z", "--no_queue",
+              "--dry_run", "--runs=lstm_l2"])
+    assert capsys.readouterr().out.splitlines() == [
+        "gcloud compute tpus tpu-vm create deeprnn-depth-cell-lstm-l2 --zone=z "
+        "--accelerator-type=v4-8 --version=tpu-ubuntu2204-base"]
+    tpu.main(["run", "--sweep=depth_cell", "--bucket=gs://bkt", "--zone=z", "--dry_run",
+              "--repo_url=https://example.com/deeprnn.git", "--ref=abc123"])
+    lines = capsys.readouterr().out.splitlines()
+    assert sum("deeprnn.train --flagfile=experiments/time_machine_lstm.flags" in line
+               for line in lines) == 9
+    assert sum("git clone -q https://example.com/deeprnn.git" in line for line in lines) == 9
+    # Each step its own command under `set -e`, so a failed fetch stops the install.
+    assert sum("; git fetch -q origin abc123; git checkout -q --force --detach FETCH_HEAD; "
+               in line for line in lines) == 9
+    assert "--workdir=gs://bkt/depth_cell/gru_l4 --corpus=time_machine --cell=gru " \
+           "--num_layers=4" in "\n".join(lines)
+    assert calls() == []
+
+
+def test_runs_that_would_share_a_tpu_name_are_refused(tmp_path):
+    path = tmp_path / "names.py"
+    path.write_text("BASE_FLAGFILE = 'x.flags'\ndef runs():\n    yield 'a_b', {}\n"
+                    "    yield 'A.B', {}\n")
+    with pytest.raises(UsageError, match="runs a_b and A.B would share the TPU name "
+                                         "deeprnn-names-a-b"):
+        tpu.main(["up", f"--sweep={path}", "--bucket=gs://bkt", "--zone=z", "--dry_run"])
+
+
+def test_a_missing_gcloud_is_a_usage_error(tiny_sweep, monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(UsageError, match="gcloud is not on PATH"):
+        tpu.main(["status", f"--sweep={tiny_sweep[0]}", "--bucket=gs://bkt", "--zone=z"])
+
+
+def test_tpu_bad_bucket_is_a_usage_error(tiny_sweep):
+    with pytest.raises(UsageError, match="gs://"):
+        tpu.main(["up", f"--sweep={tiny_sweep[0]}", "--bucket=/local", "--zone=z"])
+
+
+def test_launch_readme_names_every_tpu_command():
+    readme = (sweeps.REPO_ROOT / "launch" / "README.md").read_text()
+    for command in tpu.COMMANDS:
+        assert f"python -m launch.tpu {command}" in readme, command
+    assert "python -m launch.local" in readme
