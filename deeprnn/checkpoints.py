@@ -124,17 +124,19 @@ class RunCheckpoints:
         complete ones with `drop_later` (best/: a best from a run rewound past it)."""
         # The previous async save must finish (and get its record) before this one starts.
         self.wait()
-        complete = set(self.complete_steps())
-        later = [s for s in self._manager.all_steps()
-                 if s > step and (drop_later or s not in complete)]
+        saved = self._manager.all_steps()
+        later = [s for s in saved if s > step]
+        if later and not drop_later:  # completion records are read only when it matters (GCS)
+            complete = set(self.complete_steps())
+            later = [s for s in later if s not in complete]
         if later:
             logging.warning("deleting checkpoint step(s) %s in %s, after step %d that this run "
                             "saves now", later, self.directory, step)
             for stale in later:
                 self._manager.delete(stale)
-        if step in self._manager.all_steps():
+        if step in saved:
             # A step saved before a crash but never completed: replace it.
-            if step in complete:
+            if step in self.complete_steps():
                 return
             self._manager.delete(step)
         self._unrecorded.append(step)
