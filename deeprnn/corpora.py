@@ -1,12 +1,4 @@
-"""Named corpora: where each text comes from, how it is verified, cached and cleaned.
-
-A spec lists documents, comma-separated: a name below, `gutenberg:<id>`, or `file:<path>`.
-Each one is read, in order of preference, from
-  1. the mirror: `<data_dir>/<name>.txt` (`--data_dir` or $DEEPRNN_DATA_DIR), only ever read;
-  2. the TFDS dataset `deeprnn_text/<name>` prepared earlier under `--tfds_data_dir`;
-  3. a download from the canonical source, checksum-verified where pinned, cached under
-     `<tfds_data_dir>/downloads/deeprnn/` (never repeated) and prepared as that dataset.
-On a multi-host run only process 0 downloads and prepares; the others wait for its dataset.
+"""What a corpus spec loads to: `python -m deeprnn.corpora --corpus=SPEC [--data_dir=DIR]`.
 
     python -m deeprnn.corpora --corpus=time_machine --data_dir=../shared/corpora --preprocess=d2l
 prints one JSON object: characters 173428 (170580 with d2l_lines), vocab_size 28.
@@ -14,291 +6,26 @@ prints one JSON object: characters 173428 (170580 with d2l_lines), vocab_size 28
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import re
-import urllib.request
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from pathlib import Path
 
-from deeprnn.errors import UsageError, exit_on_usage_error, parse_flags_or_exit
+from absl import app, flags
 
-DATA_DIR_ENV = "DEEPRNN_DATA_DIR"
-GUTENBERG_URL = "https://www.gutenberg.org/cache/epub/{id}/pg{id}.txt"
+from deeprnn.config import CHOICES, parse_split
+from deeprnn.data import sources, vocab
+from deeprnn.errors import exit_on_usage_error, parse_flags_or_exit
+
+FLAGS = flags.FLAGS
 
 
-@dataclass(frozen=True)
-class Document:
-    name: str
-    text: str  # Gutenberg boilerplate stripped, BOM gone, newlines as "\n"
-    author: str
-    title: str
-    sha256: str  # of the source bytes as read or downloaded
-
-
-@dataclass(frozen=True)
-class Source:
-    name: str
-    url: str
-    author: str
-    title: str
-    # Checksums are pinned only where the source never changes. d2l's timemachine.txt (sha1 from
-    # d2l's DATA_HUB) and char-rnn's input.txt (the repository is archived; sha256 equal to the
-    # copy in shared/corpora) are fixed files. Gutenberg re-issues its files (new headers,
-    # corrections, and the mirror's copies already differ: some stripped, some with a BOM), so
-    # Gutenberg sources are not pinned: their sha256 is recorded, not checked.
-    sha256: str | None = None
-    sha1: str | None = None
-
-    @property
-    def file_stem(self) -> str:  # mirror file name, cache file name, TFDS config name
-        return self.name.replace(":", "_")
-
-
-def _gutenberg(name: str, book_id: int, author: str = "", title: str = "") -> Source:
-    return Source(name, GUTENBERG_URL.format(id=book_id), author, title)
-
-
-NAMED_SOURCES = {s.name: s for s in (
-    Source("time_machine", "http://d2l-data.s3-accelerate.amazonaws.com/timemachine.txt",
-           "H. G. Wells", "The Time Machine",
-           sha256="8424dbd9532ac81f7e5f0b6add90e6952baea29158309d7d1bf3884f4e12c516",
-           sha1="090b5e7e70c295757f55df93cb0a180b9691891a"),
-    Source("tiny_shakespeare", "https://raw.githubusercontent.com/karpathy/char-rnn/master/"
-           "data/tinyshakespeare/input.txt", "William Shakespeare", "Tiny Shakespeare",
-           sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"),
-    _gutenberg("war_of_the_worlds", 36, "H. G. Wells", "The War of the Worlds"),
-    _gutenberg("frankenstein", 84, "Mary Shelley", "Frankenstein"),
-    _gutenberg("pride_and_prejudice", 1342, "Jane Austen", "Pride and Prejudice"),
-    _gutenberg("war_and_peace", 2600, "Leo Tolstoy", "War and Peace"),
-)}
-
-_START = re.compile(r"^\*\*\*\s*START OF.*$", re.MULTILINE | re.IGNORECASE)
-_END = re.compile(r"^\*\*\*\s*END OF.*$", re.MULTILINE | re.IGNORECASE)
-
-
-def strip_gutenberg_boilerplate(text: str) -> str:
-    """The text between Gutenberg's `*** START OF` and `*** END OF` lines; unchanged without."""
-    start = _START.search(text)
-    end = _END.search(text, start.end() if start else 0)
-    if start is None and end is None:
-        return text
-    return text[start.end() if start else 0: end.start() if end else len(text)].strip()
-
-
-def _header_field(text: str, field: str) -> str:
-    """`Title:` / `Author:` from a Gutenberg header (before the START line), else ''."""
-    start = _START.search(text)
-    match = re.search(rf"^{field}:[ \t]*(.+?)\s*$", text[: start.start() if start else 0],
-                      re.MULTILINE)
-    return match.group(1) if match else ""
-
-
-def document_from_bytes(name: str, data: bytes, author: str, title: str, where: str,
-                        fallback_title: str = "") -> Document:
-    """Decodes (BOM-tolerant), normalises newlines as Python's text mode does (d2l reads that
-    way; Gutenberg serves "\\r\\n"), strips Gutenberg boilerplate, and rejects empty text.
-    An empty author/title is taken from the Gutenberg header when there is one."""
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise UsageError(f"{where} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset"
-                         f" {e.start}); convert it, e.g. iconv -f latin1 -t utf-8") from e
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    author = author or _header_field(text, "Author") or "unknown"
-    title = title or _header_field(text, "Title") or fallback_title or name
-    text = strip_gutenberg_boilerplate(text)
-    if not text.strip():
-        raise UsageError(f"{where} holds no text; point the corpus spec at a non-empty file")
-    return Document(name, text, author, title, hashlib.sha256(data).hexdigest())
-
-
-def verify_checksums(source: Source, data: bytes, where: str, fix: str) -> None:
-    for algorithm in ("sha256", "sha1"):
-        expected = getattr(source, algorithm)
-        got = hashlib.new(algorithm, data).hexdigest() if expected else None
-        if got != expected:
-            raise UsageError(f"checksum mismatch for {source.name} in {where}: {algorithm} {got},"
-                             f" expected {expected}; {fix}")
-
-
-def fetch_url(url: str) -> bytes:
-    """The default fetcher (tests inject their own)."""
-    with urllib.request.urlopen(url, timeout=60) as response:
-        return response.read()
-
-
-def _read_file(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise UsageError(f"cannot read {path}: {e.strerror or e}; check the path") from e
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write to a temporary name and rename: a crash never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_bytes(data)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def resolve_source(entry: str) -> Source:
-    if entry in NAMED_SOURCES:
-        return NAMED_SOURCES[entry]
-    if entry.startswith("gutenberg:"):
-        book_id = entry.removeprefix("gutenberg:")
-        if not book_id.isdigit():
-            raise UsageError(f"{entry!r}: a Gutenberg book is gutenberg:<number>,"
-                             " e.g. gutenberg:84")
-        return _gutenberg(f"gutenberg:{int(book_id)}", int(book_id))
-    known = ", ".join([*NAMED_SOURCES, "gutenberg:<id>", "file:<path>"])
-    raise UsageError(f"unknown corpus {entry!r}; known: {known}")
-
-
-def parse_spec(spec: str) -> list[str]:
-    entries = [e.strip() for e in spec.split(",")]
-    if not spec.strip() or not all(entries):
-        raise UsageError(f"corpus spec {spec!r} has an empty entry; e.g. time_machine,frankenstein")
-    if len(set(entries)) != len(entries):
-        # Each document is split on its own: a repeated one would put its test text in training.
-        raise UsageError(f"corpus spec {spec!r} names a document twice; list each once")
-    return entries
-
-
-def _default_tfds_data_dir() -> str:
-    # TFDS's own default, computed without importing TFDS.
-    return os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
-
-
-def _download(source: Source, cache: Path, fetch: Callable[[str], bytes],
-              mirror: str | None) -> Document:
-    """The verified source, from the download cache or fetched and then cached."""
-    path = cache / f"{source.file_stem}.txt"
-    if path.exists():
-        data = _read_file(path)
-        verify_checksums(source, data, str(path), f"delete {path} to download it again")
-        return document_from_bytes(source.name, data, source.author, source.title, str(path))
-    put = (f"{Path(mirror) / source.file_stem}.txt" if mirror else
-           f"{source.file_stem}.txt into a folder given by --data_dir or ${DATA_DIR_ENV}")
-    try:
-        data = fetch(source.url)
-    except Exception as e:  # any fetcher failure means the same thing: no copy of the text
-        raise UsageError(f"cannot download {source.name} from {source.url} ({e}); without"
-                         f" network, put {put}") from e
-    verify_checksums(source, data, source.url, "the download is corrupt; nothing was cached")
-    document = document_from_bytes(source.name, data, source.author, source.title, source.url)
-    _write_atomically(path, data)  # only after every check passed
-    return document
-
-
-def _load_through_tfds(source: Source, mirror: str | None, tfds_data_dir: str | None,
-                       fetch: Callable[[str], bytes], process_index: int,
-                       wait_timeout_s: float) -> Document:
-    try:
-        from deeprnn import tfds_text
-    except ImportError as e:
-        raise UsageError(f"{source.name} is not in a mirror and tensorflow-datasets is missing"
-                         f" ({e}); pip install tensorflow-datasets array_record, or put"
-                         f" {source.file_stem}.txt into a folder given by --data_dir") from e
-    root = tfds_data_dir or _default_tfds_data_dir()
-    config = source.file_stem
-    if process_index != 0:
-        example = tfds_text.wait_for_prepared(config, root, wait_timeout_s)
-    else:
-        example = tfds_text.read_prepared(config, root)
-        if example is None:
-            document = _download(source, Path(root) / "downloads" / "deeprnn", fetch, mirror)
-            example = tfds_text.prepare(config, root, asdict(document))
-    return Document(**example)
-
-
-def load_documents(spec: str, data_dir: str | None = None, tfds_data_dir: str | None = None,
-                   fetch: Callable[[str], bytes] | None = None, *,
-                   process_index: int | None = None,
-                   wait_timeout_s: float = 1800.0) -> list[Document]:
-    """The documents of a corpus spec, in spec order (see the module docstring for sources).
-
-    process_index: this host's jax.process_index() (injectable for tests); only process 0
-    downloads and prepares, the others wait up to wait_timeout_s for its TFDS dataset.
-    """
-    mirror = data_dir or os.environ.get(DATA_DIR_ENV) or None
-    if mirror and not Path(mirror).is_dir():
-        raise UsageError(f"mirror folder {mirror} does not exist; fix --data_dir/${DATA_DIR_ENV}")
-    documents = []
-    for entry in parse_spec(spec):
-        if entry.startswith("file:"):
-            path = Path(entry.removeprefix("file:")).expanduser()
-            documents.append(document_from_bytes(entry, _read_file(path), "", "", str(path),
-                                                 fallback_title=path.stem))
-            continue
-        source = resolve_source(entry)
-        mirrored = Path(mirror) / f"{source.file_stem}.txt" if mirror else None
-        if mirrored is not None and mirrored.is_file():
-            data = _read_file(mirrored)
-            verify_checksums(source, data, str(mirrored), f"replace it with {source.url}")
-            documents.append(document_from_bytes(source.name, data, source.author, source.title,
-                                                 str(mirrored)))
-            continue
-        if process_index is None:
-            import jax  # only here: reading the mirror must not start a JAX backend
-
-            process_index = jax.process_index()
-        documents.append(_load_through_tfds(source, mirror, tfds_data_dir, fetch or fetch_url,
-                                            process_index, wait_timeout_s))
-    return documents
-
-
-def describe(spec: str, splits, documents: list[Document], preprocess_rule: str) -> dict:
-    """The JSON summary the corpora CLI prints."""
-    per_split = {name: int(len(getattr(splits, name))) for name in ("train", "validation", "test")}
-    return {
-        "spec": spec,
-        "preprocess": preprocess_rule,
-        "characters": sum(per_split.values()),
-        "characters_per_split": per_split,
-        "vocab_size": splits.vocab.size,
-        "sha256": {d.name: d.sha256 for d in documents},
-        "authors": list(dict.fromkeys(d.author for d in documents)),
-        "titles": [d.title for d in documents],
-        "unk_rate": splits.unk_rate,
-        "documents": splits.documents,
-    }
-
-
-def main(argv) -> None:
-    from absl import flags
-
-    from deeprnn import vocab
-
-    del argv
-    f = flags.FLAGS
-    with exit_on_usage_error():
-        documents = load_documents(f.corpus, f.data_dir, f.tfds_data_dir)
-        splits = vocab.build_splits(documents, f.preprocess, vocab.parse_split(f.split),
-                                    f.max_tokens)
-    print(json.dumps(describe(f.corpus, splits, documents, f.preprocess), ensure_ascii=False))
-
-
-def _define_flags() -> None:
-    # Defined only when run as a program, so that importing this module (train.py does) adds
-    # no flags that would clash with the importer's own.
-    from absl import flags
-
-    from deeprnn.vocab import PREPROCESS_RULES
-
+def define_flags() -> None:
+    """Defined only when run as a program, so that importing this module adds no flags."""
     flags.DEFINE_string("corpus", "time_machine", "Corpus spec: comma-separated names ("
-                        + ", ".join(NAMED_SOURCES) + "), gutenberg:<id>, file:<path>.")
+                        + ", ".join(sources.NAMED_SOURCES) + "), gutenberg:<id>, file:<path>.")
     flags.DEFINE_string("data_dir", None, f"Read-only mirror of <name>.txt files (default"
-                        f" ${DATA_DIR_ENV}); used first, without network.")
+                        f" ${sources.DATA_DIR_ENV}); used first, without network.")
     flags.DEFINE_string("tfds_data_dir", None, "TFDS folder for downloads and prepared datasets"
                         " (default $TFDS_DATA_DIR or ~/tensorflow_datasets).")
-    flags.DEFINE_enum("preprocess", "d2l", list(PREPROCESS_RULES),
+    flags.DEFINE_enum("preprocess", "d2l", list(CHOICES["preprocess"]),
                       "d2l: letters only, lowercased (d2l 1.0); d2l_lines: the same per line,"
                       " lines glued (d2l 0.17); raw: every character.")
     flags.DEFINE_string("split", "0.9,0.05,0.05", "Train,validation,test fractions of each"
@@ -307,8 +34,16 @@ def _define_flags() -> None:
                          " (d2l 0.17 trains on 10000).")
 
 
-if __name__ == "__main__":
-    from absl import app
+def main(argv) -> None:
+    del argv
+    with exit_on_usage_error():
+        documents = sources.load_documents(FLAGS.corpus, FLAGS.data_dir, FLAGS.tfds_data_dir)
+        splits = vocab.build_splits(documents, FLAGS.preprocess, parse_split(FLAGS.split),
+                                    FLAGS.max_tokens)
+    print(json.dumps(sources.describe(FLAGS.corpus, splits, documents, FLAGS.preprocess),
+                     ensure_ascii=False))
 
-    _define_flags()
+
+if __name__ == "__main__":
+    define_flags()
     app.run(main, flags_parser=parse_flags_or_exit)

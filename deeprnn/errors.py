@@ -1,10 +1,23 @@
-"""The one exception type that entry points turn into a one-line message and exit status 2,
-and the flag parser every entry point gives absl's app.run."""
+"""The one exception type for bad input, and how every program turns it into one line.
+
+A UsageError becomes `error: <message>` on stderr and exit status 2. Programs parse their flags
+in one of two ways, both ending a bad flag in that one line: `parse_flags_or_exit` for
+`app.run` over absl's global FLAGS (train, generate, evaluate, report, corpora), and
+`parse_argv` on a fresh FlagValues for programs that tests and sweeps also call in-process
+with an argument list (the benchmark and the launchers).
+"""
+
+from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Callable, Sequence
+
+from absl import flags
+from absl import logging as absl_logging
 
 EXIT_USAGE = 2
+HELP_ARGS = ("--help", "-h", "-?", "--helpfull", "--helpshort")
 
 
 class UsageError(ValueError):
@@ -22,6 +35,11 @@ def exit_on_usage_error():
         sys.exit(EXIT_USAGE)
 
 
+def _program_name(argv0: str) -> str:
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    return f"python -m {spec.name}" if spec else argv0
+
+
 def parse_flags_or_exit(argv: list[str]) -> list[str]:
     """absl's flag parser, for `app.run(main, flags_parser=parse_flags_or_exit)`.
 
@@ -30,17 +48,37 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
     read and write at INFO, which buries the progress line and the program's output. It is set
     here because app.run turns an unset --verbosity into INFO right after this parser returns.
     """
-    from absl import flags
-    from absl import logging as absl_logging
-
     try:
         remaining = flags.FLAGS(argv)
     except flags.Error as err:
-        message = str(err).removeprefix("ERROR:: ")  # absl prefixes flagfile errors
-        spec = getattr(sys.modules["__main__"], "__spec__", None)
-        program = f"python -m {spec.name}" if spec else argv[0]
-        print(f"error: {message}; see {program} --helpfull", file=sys.stderr)
+        print(f"error: {_flag_error(err)}; see {_program_name(argv[0])} --helpfull",
+              file=sys.stderr)
         sys.exit(EXIT_USAGE)
     if flags.FLAGS["verbosity"].using_default_value:
         flags.FLAGS.verbosity = absl_logging.WARNING
     return remaining
+
+
+def parse_argv(define_flags: Callable, argv: Sequence[str], program: str):
+    """(flag values, positional arguments) of `python -m program ARGV`, on a fresh absl
+    FlagValues that `define_flags(flag_values)` fills: a bad flag raises UsageError, and
+    --help prints the flags and exits 0. absl reads `--flagfile` here as everywhere."""
+    values = flags.FlagValues()
+    define_flags(values)
+    if any(arg in HELP_ARGS for arg in argv):
+        print(f"usage: python -m {program} [flags]\n\n{values.get_help()}")
+        sys.exit(0)
+    try:
+        positional = values([program, *argv])[1:]
+    except flags.Error as err:
+        raise UsageError(f"{_flag_error(err)}; see python -m {program} --help") from err
+    return values, positional
+
+
+def _flag_error(err: Exception) -> str:
+    message = str(err).removeprefix("ERROR:: ")  # absl prefixes flagfile errors
+    if "Unable to open flagfile" in message:
+        # absl reads a flagfile path, a nested one too, from the current folder.
+        message += " (flagfile paths, nested ones too, are read from the current folder: " \
+                   "run from the repository root)"
+    return message

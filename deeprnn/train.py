@@ -1,9 +1,9 @@
 """Train a deep RNN language model: `python -m deeprnn.train --flagfile=F --workdir=DIR`.
 
-Flags in, one `train_and_evaluate(config, workdir)` call; the loop lives in `deeprnn.trainer`
-so that tests and sweeps can call it in-process.
+Flags in, one `train_and_evaluate(config, workdir)` call; the loop lives in
+`deeprnn.training.loop` so that tests and sweeps can call it in-process.
 
-Exit status (see deeprnn.lifecycle): 0 finished; 1 a write failed (disk full, ...), resume
+Exit status (see deeprnn.run.lifecycle): 0 finished; 1 a write failed (disk full, ...), resume
 later; 2 bad input, one `error:` line and nothing written over; 75 stopped by SIGTERM/SIGINT
 after checkpointing the last finished step: run the same command again to resume.
 """
@@ -14,11 +14,10 @@ import sys
 
 from absl import app, flags
 
-from deeprnn import flags as run_flags
-from deeprnn import lifecycle
+from deeprnn import config as run_config
 from deeprnn.errors import UsageError, parse_flags_or_exit
+from deeprnn.run import lifecycle
 
-run_flags.define_flags()
 FLAGS = flags.FLAGS
 
 
@@ -28,8 +27,9 @@ def main(argv):
     try:
         if not FLAGS.workdir:
             raise UsageError("--workdir is required: the folder for checkpoints and logs")
-        config = run_flags.config_from_flags(FLAGS)
-        from deeprnn.trainer import train_and_evaluate  # heavy imports after flag checks
+        config = run_config.config_from_flags(FLAGS)
+        # deferred: JAX, Flax and Orbax load (seconds) only once the flags are known good
+        from deeprnn.training.loop import train_and_evaluate
 
         train_and_evaluate(config, FLAGS.workdir)
     except UsageError as err:
@@ -47,4 +47,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    run_config.define_flags()
     app.run(main, flags_parser=parse_flags_or_exit)

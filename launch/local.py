@@ -11,7 +11,6 @@ checkpoint. After training, each corpus in the run's `eval_corpora` is scored wi
 point.
 """
 
-import argparse
 import os
 import pathlib
 import queue
@@ -23,7 +22,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from absl import flags
+
 from deeprnn.errors import UsageError, exit_on_usage_error
+from deeprnn.run.lifecycle import EXIT_PREEMPTED
+from deeprnn.run.summary import is_finished, summary_if_any
 from launch import sweep as sweeps
 
 
@@ -41,7 +44,7 @@ def plan_jobs(sweep: sweeps.Sweep, sweep_dir: pathlib.Path, args) -> list[Job]:
     jobs = []
     for run in sweep.runs:
         workdir = sweep_dir / run.name
-        finished = sweeps.summary_is_finished(sweeps.read_local_summary(workdir))
+        finished = is_finished(summary_if_any(str(workdir)))
         train = None
         if not finished or args.rerun_finished:
             flags = sweeps.train_args(
@@ -119,7 +122,7 @@ class Runner:
         if self.stopping.is_set():
             left = len(self.jobs) - len(self.failed) - self.done
             self.say(f"stopped; run the same command again to resume ({left} runs not started)")
-            return 75  # deeprnn.lifecycle.EXIT_PREEMPTED, as a run stopped by a signal
+            return EXIT_PREEMPTED  # as a run stopped by a signal: run again to resume
         if self.failed:
             failed = ", ".join(self.failed)
             self.say(f"{len(self.failed)} of {len(self.jobs)} runs failed: {failed}")
@@ -163,7 +166,7 @@ class Runner:
                 code = subprocess.call(
                     job.train, cwd=sweeps.REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
                 )
-            if code == 75:  # deeprnn.lifecycle.EXIT_PREEMPTED: checkpointed; rerunning resumes
+            if code == EXIT_PREEMPTED:  # checkpointed; rerunning resumes
                 self.stopping.set()
                 self.say(f"{tag}: stopped by a signal after a checkpoint; run the sweep again "
                          "to resume")
@@ -208,23 +211,26 @@ def print_dry_run(jobs: list[Job], slots: list[dict]) -> None:
             print(sweeps.shell_join(command, slot))
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m launch.local", description=__doc__.split("\n")[0]
-    )
-    sweeps.add_sweep_arguments(parser)
-    parser.add_argument("--sweep_dir", required=True, help="runs go to SWEEP_DIR/<run>")
-    parser.add_argument("--parallel_gpus", type=int, default=0,
-                        help="local GPUs to spread runs over (0: one run at a time, any device)")
-    parser.add_argument("--gpus_per_run", type=int, default=1, help="GPUs each run sees")
-    parser.add_argument("--rerun_finished", action="store_true",
-                        help="also start runs whose summary.json says they finished")
-    parser.add_argument("--python", default=sys.executable, help="interpreter command")
-    parser.add_argument("--train_module", default="deeprnn.train")
-    parser.add_argument("--evaluate_module", default="deeprnn.evaluate")
-    own, passthrough = sweeps.split_passthrough(argv)
-    args = parser.parse_args(own)
-    args.extra_flags = [*args.extra_flags, *passthrough]
+def define_flags(values: flags.FlagValues) -> None:
+    fv = {"flag_values": values}
+    sweeps.define_sweep_flags(values)
+    flags.DEFINE_string("sweep_dir", None, "Runs go to SWEEP_DIR/<run>.", **fv)
+    flags.DEFINE_integer("parallel_gpus", 0, "Local GPUs to spread runs over (0: one run at a "
+                         "time, any device).", **fv)
+    flags.DEFINE_integer("gpus_per_run", 1, "GPUs each run sees.", **fv)
+    flags.DEFINE_boolean("rerun_finished", False, "Also start runs whose summary.json says "
+                         "they finished.", **fv)
+    flags.DEFINE_string("python", sys.executable, "Interpreter command.", **fv)
+    flags.DEFINE_string("train_module", "deeprnn.train", "Training program.", **fv)
+    flags.DEFINE_string("evaluate_module", "deeprnn.evaluate", "Evaluation program.", **fv)
+
+
+def parse_args(argv: Sequence[str]):
+    args, positional = sweeps.parse_launcher_args(define_flags, argv, "launch.local")
+    if positional:
+        raise UsageError(f"unexpected arguments {positional}; give train flags after a bare --")
+    if not args.sweep_dir:
+        raise UsageError("--sweep_dir is required: runs go to SWEEP_DIR/<run>")
     return args
 
 

@@ -4,17 +4,18 @@ A sweep is a module in `experiments/sweeps/` (or a path to a .py file) that defi
 `BASE_FLAGFILE` and `runs()`; see `experiments/sweeps/__init__.py` for the format.
 """
 
-import argparse
 import fnmatch
 import importlib.util
-import json
 import pathlib
 import re
 import shlex
+import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from deeprnn.errors import UsageError
+from absl import flags
+
+from deeprnn.errors import UsageError, parse_argv
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 SWEEPS_DIR = REPO_ROOT / "experiments" / "sweeps"
@@ -154,45 +155,36 @@ def eval_result_name(corpus: str, split: str = "test") -> str:
     return f"eval/{re.sub(r'[^A-Za-z0-9_.-]+', '+', corpus)}-{split}.json"
 
 
-def summary_is_finished(summary: dict | None) -> bool:
-    """A run is finished once its summary holds the test metrics, written only at the end."""
-    if not summary:
-        return False
-    if summary.get("finished") is True:
-        return True
-    final = summary.get("final") or {}
-    return "test/perplexity" in final
-
-
-def read_local_summary(workdir: pathlib.Path) -> dict | None:
-    path = pathlib.Path(workdir) / "summary.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except json.JSONDecodeError:  # being rewritten right now, or cut off by a crash
-        return None
-
-
 def shell_join(args: Sequence[str], env: dict | None = None) -> str:
     prefix = "".join(f"{k}={shlex.quote(str(v))} " for k, v in (env or {}).items())
     return prefix + shlex.join(args)
 
 
-def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+def define_sweep_flags(values: flags.FlagValues) -> None:
     """The flags that choose and shape a sweep, the same for every launcher."""
-    parser.add_argument("--sweep", required=True, help="name in experiments/sweeps/ or a .py path")
-    parser.add_argument("--runs", help="comma-separated run names or globs (default: all)")
-    parser.add_argument("--seeds", help="repeat each run per seed, e.g. 0,1,2 (adds --seed=s)")
-    parser.add_argument("--data_dir", help="corpus mirror passed to train as --data_dir")
-    parser.add_argument(
-        "--extra_flags",
-        action="append",
-        default=[],
-        help="a train flag for every run, e.g. --extra_flags=--num_train_steps=100 (repeatable; "
-        "train flags after a bare -- work too)",
-    )
-    parser.add_argument("--dry_run", action="store_true", help="print every command, run none")
+    fv = {"flag_values": values}
+    flags.DEFINE_string("sweep", None, "Name in experiments/sweeps/ or a .py path.", **fv)
+    flags.DEFINE_string("runs", None, "Comma-separated run names or globs (default: all).", **fv)
+    flags.DEFINE_string("seeds", None, "Repeat each run per seed, e.g. 0,1,2 (adds --seed=s).",
+                        **fv)
+    flags.DEFINE_string("data_dir", None, "Corpus mirror passed to train as --data_dir.", **fv)
+    flags.DEFINE_multi_string(
+        "extra_flags", [], "A train flag for every run, e.g. "
+        "--extra_flags=--num_train_steps=100 (repeatable; train flags after a bare -- work "
+        "too).", **fv)
+    flags.DEFINE_boolean("dry_run", False, "Print every command, run none.", **fv)
+
+
+def parse_launcher_args(define_flags, argv: Sequence[str], program: str):
+    """(flags as attributes, positional arguments) of a launcher's command line: absl flags,
+    then train flags after a bare `--`, which join --extra_flags. --sweep is required."""
+    own, passthrough = split_passthrough(argv)
+    values, positional = parse_argv(define_flags, own, program)
+    args = types.SimpleNamespace(**values.flag_values_dict())
+    if not args.sweep:
+        raise UsageError("--sweep is required: a name in experiments/sweeps/ or a .py path")
+    args.extra_flags = [*args.extra_flags, *passthrough]
+    return args, positional
 
 
 def split_passthrough(argv: Sequence[str]) -> tuple[list[str], list[str]]:

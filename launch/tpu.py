@@ -18,7 +18,6 @@ resumes from the newest checkpoint in the run's gs:// workdir. Every gcloud call
 `Gcloud.__call__`, which runs the `gcloud` found first on PATH.
 """
 
-import argparse
 import json
 import pathlib
 import re
@@ -30,7 +29,10 @@ import tempfile
 import time
 from collections.abc import Sequence
 
+from absl import flags
+
 from deeprnn.errors import UsageError, exit_on_usage_error
+from deeprnn.run.summary import is_finished
 from launch import sweep as sweeps
 
 READY_STATES = {"ACTIVE", "READY"}  # queued resource / TPU VM
@@ -64,7 +66,7 @@ class Gcloud:
 
 
 class TpuLauncher:
-    def __init__(self, args: argparse.Namespace, sweep: sweeps.Sweep):
+    def __init__(self, args, sweep: sweeps.Sweep):
         self.args, self.sweep = args, sweep
         self.gcloud = Gcloud(args.dry_run)
         self.sweep_name = args.sweep_name or sweep.name
@@ -225,7 +227,7 @@ class TpuLauncher:
             if state is not None and state not in READY_STATES:
                 print(f"# {run.name}: TPU {state}, not started")
                 continue
-            if sweeps.summary_is_finished(self.summary(run)):
+            if is_finished(self.summary(run)):
                 print(f"# {run.name}: finished, not started")
                 continue
             self.install(run)
@@ -246,7 +248,7 @@ class TpuLauncher:
             done = (summary or {}).get("steps_done", 0)
             total = ((summary or {}).get("flags") or {}).get("num_train_steps", "?")
             progress = f"{done}/{total} steps"
-            if sweeps.summary_is_finished(summary):
+            if is_finished(summary):
                 progress = "finished"
             print(f"{run.name:24s} {self.tpu_name(run):40s} {state:12s} {progress}")
         return table
@@ -259,7 +261,7 @@ class TpuLauncher:
                 print(f"# if {run.name}'s TPU is {'/'.join(sorted(REQUEUE_STATES))}:")
             elif state not in REQUEUE_STATES:
                 continue
-            elif sweeps.summary_is_finished(self.summary(run)):
+            elif is_finished(self.summary(run)):
                 continue  # preempted after it finished: nothing left to do
             else:
                 print(f"# {run.name}: TPU {state}, queued again")
@@ -281,7 +283,7 @@ class TpuLauncher:
             if self.args.dry_run:
                 return
             summaries = [self.summary(run) for run in self.sweep.runs]
-            if all(sweeps.summary_is_finished(s) for s in summaries):
+            if all(is_finished(s) for s in summaries):
                 print("# every run finished; delete the TPUs with `down`")
                 return
             time.sleep(self.args.poll_s)
@@ -305,32 +307,41 @@ def _source_files() -> list[str]:
 COMMANDS = ("up", "run", "status", "requeue", "watch", "down")
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m launch.tpu", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("command", choices=COMMANDS)
-    sweeps.add_sweep_arguments(parser)
-    parser.add_argument("--bucket", required=True, help="gs://BUCKET[/PREFIX] for the workdirs")
-    parser.add_argument("--sweep_name", help="folder under the bucket (default: the sweep's name)")
-    parser.add_argument("--project", help="Google Cloud project (default: gcloud's)")
-    parser.add_argument("--zone", required=True, help="e.g. us-central2-b for v4")
-    parser.add_argument("--accelerator_type", default="v4-8")
-    parser.add_argument("--runtime_version", default="tpu-ubuntu2204-base")
-    parser.add_argument("--spot", action="store_true", help="Spot TPUs (re-queue on preemption)")
-    parser.add_argument("--no_queue", action="store_true",
-                        help="tpu-vm create/delete instead of queued resources")
-    parser.add_argument("--name_prefix", default="deeprnn", help="TPU names: PREFIX-SWEEP-RUN")
-    parser.add_argument("--repo_url", help="git clone this on the TPUs (default: copy this tree)")
-    parser.add_argument("--ref", default="main", help="commit or branch to check out")
-    parser.add_argument("--python_version", default="3.11", help="Python for the TPU's venv")
-    parser.add_argument("--poll_s", type=float, default=300, help="watch: seconds between polls")
-    parser.add_argument("--max_polls", type=int, default=10_000, help="watch: give up after N")
-    own, passthrough = sweeps.split_passthrough(argv)
-    args = parser.parse_args(own)
+def define_flags(values: flags.FlagValues) -> None:
+    fv = {"flag_values": values}
+    sweeps.define_sweep_flags(values)
+    flags.DEFINE_string("bucket", None, "gs://BUCKET[/PREFIX] for the workdirs.", **fv)
+    flags.DEFINE_string("sweep_name", None, "Folder under the bucket (default: the sweep's "
+                        "name).", **fv)
+    flags.DEFINE_string("project", None, "Google Cloud project (default: gcloud's).", **fv)
+    flags.DEFINE_string("zone", None, "e.g. us-central2-b for v4.", **fv)
+    flags.DEFINE_string("accelerator_type", "v4-8", "TPU type, e.g. v4-8, v5litepod-8.", **fv)
+    flags.DEFINE_string("runtime_version", "tpu-ubuntu2204-base", "TPU VM image.", **fv)
+    flags.DEFINE_boolean("spot", False, "Spot TPUs (re-queued on preemption).", **fv)
+    flags.DEFINE_boolean("no_queue", False, "tpu-vm create/delete instead of queued "
+                         "resources.", **fv)
+    flags.DEFINE_string("name_prefix", "deeprnn", "TPU names: PREFIX-SWEEP-RUN.", **fv)
+    flags.DEFINE_string("repo_url", None, "git clone this on the TPUs (default: copy this "
+                        "tree).", **fv)
+    flags.DEFINE_string("ref", "main", "Commit or branch to check out.", **fv)
+    flags.DEFINE_string("python_version", "3.11", "Python for the TPU's venv.", **fv)
+    flags.DEFINE_float("poll_s", 300, "watch: seconds between polls.", **fv)
+    flags.DEFINE_integer("max_polls", 10_000, "watch: give up after N polls.", **fv)
+
+
+def parse_args(argv: Sequence[str]):
+    """COMMAND first (or anywhere before a bare --), then flags."""
+    args, positional = sweeps.parse_launcher_args(define_flags, argv, "launch.tpu")
+    if len(positional) != 1 or positional[0] not in COMMANDS:
+        raise UsageError(f"give one command of {', '.join(COMMANDS)} (got "
+                         f"{' '.join(positional) or 'none'}), e.g. python -m launch.tpu up "
+                         "--sweep=depth_cell --bucket=gs://BUCKET --zone=ZONE")
+    args.command = positional[0]
+    for name in ("bucket", "zone"):
+        if not getattr(args, name):
+            raise UsageError(f"--{name} is required; see python -m launch.tpu --help")
     if not args.bucket.startswith("gs://"):
         raise UsageError(f"--bucket={args.bucket} must start with gs://")
-    args.extra_flags = [*args.extra_flags, *passthrough]
     return args
 
 

@@ -1,5 +1,5 @@
 """Test session setup: one JAX compilation cache shared by this process and its subprocesses;
-the tiny sweep of the launcher tests."""
+the `slow` marker; the tiny sweep of the launcher tests. Shared helpers: tests/helpers.py."""
 
 import os
 import pathlib
@@ -18,9 +18,7 @@ import jax  # noqa: E402
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
-SHARED_CORPORA = pathlib.Path(__file__).resolve().parent.parent.parent / "shared" / "corpora"
-
-# A two-run sweep for the launcher tests (test_launch.py, test_launch_tpu.py).
+# A two-run sweep for the launcher tests (launch/test_launch.py, launch/test_launch_tpu.py).
 TINY_SWEEP = """
 BASE_FLAGFILE = {flagfile!r}
 
@@ -37,3 +35,12 @@ def tiny_sweep(tmp_path):
     path = tmp_path / "tiny.py"
     path.write_text(TINY_SWEEP.format(flagfile=str(flagfile)))
     return path, flagfile
+
+
+@pytest.fixture
+def quick_compile():
+    """For smoke tests that only check that a run works: most of XLA's optimisations off, so
+    each small program compiles faster. Equality tests keep them: they compare numbers."""
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", False)

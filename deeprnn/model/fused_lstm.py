@@ -1,0 +1,123 @@
+"""One LSTM layer over all time steps, with its backward pass written out by hand.
+
+The fused model's layerwise schedule runs this for LSTM stacks (the book's deep-RNN recipe and
+every benchmark config). The general recurrence in fused.py serves every cell through
+`jax.vjp` of the cell inside its backward scan; for the LSTM the derivative is short enough to
+write down, and writing it lets the step do less:
+
+- the forward keeps the gate activations a = (i, f, g, o) and the cell state c of every step, so
+  the backward evaluates no sigmoid and only one tanh (of c) per step, where jax.vjp re-runs the
+  cell (five transcendentals) and then differentiates it;
+- the gate-gradient of every step, dz, is both the gradient of the layer's input projection and
+  the operand of the weight gradient: one [T, B, 4H] buffer, where the general path writes two
+  identical ones (the input part and the recurrent part of the pre-activation);
+- the gate activations and the gate gradient dz are computed over whole [B, 4H] rows (see
+  `lstm_gates`);
+- the weight gradient is one matmul over all steps after the scan, and the per-step matmul of the
+  backward reads W_h transposed once before the loop.
+
+Equality with the scratch model's LSTM (outputs and gradients) is tested in
+tests/model/test_fused.py.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from deeprnn.model.config import compute_dtype as dtype_of
+
+
+def mm(spec: str, a, b, dtype):
+    """einsum in the compute dtype with float32 accumulation and result."""
+    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def _gate_constants(hidden: int, dtype):
+    """Per-column constants over the [i, f, g, o] blocks: scale and shift of `lstm_gates`;
+    u and v of its derivative, u + a * (v - a) (a - a^2 for a sigmoid, 1 - a^2 for tanh)."""
+    half, one, zero = (jnp.full((hidden,), value, dtype) for value in (0.5, 1.0, 0.0))
+    scale = jnp.concatenate([half, half, one, half])
+    shift = jnp.concatenate([half, half, zero, half])
+    u = jnp.concatenate([zero, zero, one, zero])
+    v = jnp.concatenate([one, one, zero, one])
+    return scale, shift, u, v
+
+
+def lstm_gates(z):
+    """sigmoid(i), sigmoid(f), tanh(g), sigmoid(o) of the pre-activations z [..., 4H], as one
+    tanh over the whole row: sigmoid(x) = (tanh(x / 2) + 1) / 2.
+
+    XLA:CPU vectorises a transcendental over a whole row but not over a column slice of it:
+    35 d2l-shape LSTM cell steps took 3.9 ms with four sliced activations, 0.9 ms like this.
+    """
+    scale, shift, _, _ = _gate_constants(z.shape[-1] // 4, z.dtype)
+    return jnp.tanh(z * scale) * scale + shift
+
+
+def _cell(a, c):
+    i, f, g, o = jnp.split(a, 4, axis=-1)
+    c = f * c + i * g
+    return c, o * jnp.tanh(c)
+
+
+@functools.cache
+def make_lstm_layer(compute_dtype: str, unroll: int):
+    """lstm_layer(xs [T,B,4H], w_h [H,4H], c0 [B,H], h0 [B,H]) -> (ys [T,B,H], (c_T, h_T)).
+
+    xs is the input pre-activation of every step (input projection plus bias); the recurrent
+    matmul runs in compute_dtype ("float32" or "bfloat16") with float32 accumulation, the cell
+    in float32.
+    """
+    dtype = dtype_of(compute_dtype)
+
+    def forward(xs, w_h, c0, h0, keep_residuals):
+        def step(carry, x):
+            c, h = carry
+            a = lstm_gates(x + mm("bh,hg->bg", h, w_h, dtype))
+            c, h = _cell(a, c)
+            return (c, h), (h, (a, c) if keep_residuals else None)
+
+        (c_last, h_last), (ys, residuals) = jax.lax.scan(step, (c0, h0), xs, unroll=unroll)
+        return ys, (c_last, h_last), residuals
+
+    @jax.custom_vjp
+    def lstm_layer(xs, w_h, c0, h0):
+        ys, final, _ = forward(xs, w_h, c0, h0, False)
+        return ys, final
+
+    def fwd(xs, w_h, c0, h0):
+        ys, final, (gates, cs) = forward(xs, w_h, c0, h0, True)
+        return (ys, final), (w_h, c0, h0, ys, gates, cs)
+
+    def bwd(saved, cotangents):
+        w_h, c0, h0, ys, gates, cs = saved
+        dys, (dc_last, dh_last) = cotangents
+        _, _, u, v = _gate_constants(w_h.shape[0], jnp.float32)
+        c_prev = jnp.concatenate([c0[None], cs[:-1]])
+        # XLA:CPU would fold a transpose into every step's dot, and the transposed-operand dot
+        # is slower (d2l shape: 206 -> 160 us a step); the barrier keeps one transposed copy.
+        w_h_t = jax.lax.optimization_barrier(w_h.T)
+
+        def back_step(carry, inputs):
+            dc, dh = carry
+            a, c, c_before, dy = inputs
+            dh = dh + dy
+            i, f, g, o = jnp.split(a, 4, axis=-1)
+            tanh_c = jnp.tanh(c)
+            dc = dc + dh * o * (1.0 - tanh_c * tanh_c)
+            da = jnp.concatenate([dc * g, dc * c_before, dc * i, dh * tanh_c], axis=-1)
+            dz = da * (u + a * (v - a))
+            return (dc * f, mm("bg,gh->bh", dz, w_h_t, dtype)), dz
+
+        (dc0, dh0), dzs = jax.lax.scan(back_step, (dc_last, dh_last),
+                                       (gates, cs, c_prev, dys), reverse=True, unroll=unroll)
+        h_prev = jnp.concatenate([h0[None], ys[:-1]])
+        dw_h = mm("tbh,tbg->hg", h_prev, dzs, dtype)
+        return dzs, dw_h, dc0, dh0
+
+    lstm_layer.defvjp(fwd, bwd)
+    return lstm_layer

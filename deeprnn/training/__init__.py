@@ -1,0 +1,9 @@
+"""Training: pure steps, their mapping onto devices, and the loop that runs them.
+
+`train_step` holds the per-device train and eval steps (metrics as sums and token counts) and
+`optimizer` the clipped SGD or Adam; `device_batches` runs several steps per compiled call on
+windows cut on the device; `parallel` maps the steps over every device of every host and
+`seeds` vmaps K seeds on one; `setup` rebuilds a run from its flags, `progress` keeps its
+bookkeeping, `evaluation` scores whole splits, `trained_run` reads a finished run back for the
+generate and evaluate programs, and `loop` trains in named phases.
+"""

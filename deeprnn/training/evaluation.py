@@ -1,0 +1,88 @@
+"""Held-out evaluation: a whole split read exactly once, and the scores a run ends with.
+
+Both the training loop (validation during training, the final validation and test scores) and
+`python -m deeprnn.evaluate` (a trained run on any corpus, with the run's own vocabulary:
+characters it never saw become <unk>, and the <unk> rate is reported) score through
+`evaluate_ids`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import numpy as np
+
+from deeprnn.config import RunConfig
+from deeprnn.data.samplers import eval_batches
+from deeprnn.model.build import build_model
+from deeprnn.model.config import ModelConfig
+from deeprnn.model.stack import init_carry
+from deeprnn.run.checkpoints import restore_best
+from deeprnn.training.progress import seed_record
+from deeprnn.training.train_step import eval_step, summarize
+
+
+@functools.lru_cache(maxsize=16)
+def single_device_eval_fn(model_config: ModelConfig):
+    model = build_model(model_config)
+    return jax.jit(functools.partial(eval_step, apply_fn=model.apply))
+
+
+def evaluate_ids(step_fn, model_config, params, ids: np.ndarray, *, batch_size: int,
+                 num_steps: int, rows: tuple[int, int] | None = None,
+                 carry=None) -> dict[str, float] | list[dict[str, float]]:
+    """Loss, perplexity and bits per character over a whole split, read exactly once.
+
+    The split runs as `batch_size` contiguous streams whose state carries from one window to
+    the next, so every target token is scored with its full left context in its stream.
+    `step_fn` is a compiled eval step; `rows` this process's streams (multi-host); `carry` its
+    initial state placed on the devices. Stacked seeds' params give a list, one dict a seed.
+    """
+    start, stop = rows or (0, batch_size)
+    if carry is None:
+        carry = init_carry(model_config, stop - start)
+    loss_sum, tokens = 0.0, 0.0
+    for x, y, mask in eval_batches(ids, batch_size, num_steps):
+        carry, metrics = step_fn(params, x[start:stop], y[start:stop], mask[start:stop], carry)
+        loss_sum, tokens = loss_sum + metrics["loss_sum"], tokens + metrics["tokens"]
+    loss_sum, tokens = (np.asarray(a, float) for a in jax.device_get((loss_sum, tokens)))
+    if loss_sum.ndim:  # one score per seed (--num_seeds)
+        return [{**summarize(float(ls), float(t)), "tokens": float(t)}
+                for ls, t in zip(loss_sum, tokens, strict=True)]
+    return {**summarize(float(loss_sum), float(tokens)), "tokens": float(tokens)}
+
+
+def scoring_config(run_config: RunConfig, corpus: str | None, data_dir: str | None,
+                   split: str) -> RunConfig:
+    """The run's data flags for scoring `corpus` (None: its own). `all` is the whole text; the
+    run's --max_tokens, a budget for its own training text, does not cut another corpus."""
+    overrides = {"corpus": corpus or run_config.corpus,
+                 "data_dir": data_dir or run_config.data_dir}
+    if overrides["corpus"] != run_config.corpus:
+        overrides["max_tokens"] = 0
+    if split == "all":
+        overrides.update(split="1,0,0", max_tokens=0)
+    return dataclasses.replace(run_config, **overrides)
+
+
+def final_evaluation(workdir: str, evaluate, params, splits, writer, step: int):
+    """Validation on the last params, test on the best-validation params; means over seeds
+    (with per-seed values for --num_seeds) and the per-seed finals. `evaluate(params, ids)`
+    scores a split with one dict per seed."""
+    final, per_seed = {}, None
+    if splits.validation.size:
+        validation = evaluate(params, splits.validation)
+        per_seed = [{f"validation/{k}": v for k, v in d.items()} for d in validation]
+        final.update(seed_record("validation", validation))
+    if splits.test.size:
+        params, best_step = restore_best(workdir, params)
+        test = evaluate(params, splits.test)
+        final.update(seed_record("test", test))
+        per_seed = [{**(per_seed[k] if per_seed else {}),
+                     **{f"test/{key}": v for key, v in d.items()}} for k, d in enumerate(test)]
+        final["test/checkpoint_step"] = best_step if best_step is not None else step
+    if final:
+        writer.scalars(step, {k: v for k, v in final.items() if k != "test/checkpoint_step"})
+    return final, per_seed

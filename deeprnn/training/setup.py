@@ -1,0 +1,128 @@
+"""What every program needs to rebuild a run from its flags: the text, the model and a fresh
+training state, the devices and samplers, and the schedule of evaluations, samples and saves.
+
+The training loop builds a new or resumed run from these; `trained_run` rebuilds a finished
+one for generation and evaluation from the flags its checkpoint saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from deeprnn.config import RunConfig, model_flag_differences
+from deeprnn.data import samplers, sources, vocab
+from deeprnn.errors import UsageError
+from deeprnn.model.build import build_model, init_params
+from deeprnn.model.config import ModelConfig
+from deeprnn.model.stack import init_carry
+from deeprnn.training import seeds
+from deeprnn.training.optimizer import make_learning_rate, make_optimizer
+from deeprnn.training.parallel import DataParallel
+from deeprnn.training.train_step import TrainState
+
+
+def model_config_for(config: RunConfig, vocab_size: int) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=vocab_size, num_hiddens=config.num_hiddens, num_layers=config.num_layers,
+        cell=config.cell, activation=config.activation, gru_variant=config.gru_variant,
+        dropout=config.dropout, residual=config.residual, layer_norm=config.layer_norm,
+        impl=config.impl, compute_dtype=config.compute_dtype)
+
+
+def load_splits(config: RunConfig, saved_vocab: vocab.Vocab | None = None) -> vocab.Splits:
+    documents = sources.load_documents(config.corpus, config.data_dir, config.tfds_data_dir)
+    return vocab.build_splits(documents, config.preprocess, config.split_fractions(),
+                              max_tokens=config.max_tokens or None, vocab=saved_vocab)
+
+
+def initial_training_state(config: RunConfig, model_config: ModelConfig, num_train_steps: int):
+    """The model, optimizer, learning-rate schedule, fresh TrainState and zero carry.
+
+    With --num_seeds=K, the state and carry of seeds seed..seed+K-1 stacked on a leading axis.
+    """
+    model = build_model(model_config)
+    lr_fn = make_learning_rate(config.lr, config.lr_schedule, num_train_steps,
+                               config.warmup_steps)
+    tx = make_optimizer(config.optimizer, lr_fn, config.clip_norm,
+                        skip_nonfinite=config.nan_policy == "skip")
+
+    def fresh(seed):
+        init_key, dropout_key = jax.random.split(jax.random.PRNGKey(seed))
+        params = init_params(model_config, init_key)
+        return TrainState(step=jnp.asarray(0, jnp.int32), params=params,
+                          opt_state=tx.init(params), rng=dropout_key)
+
+    carry = init_carry(model_config, config.batch_size)
+    if config.num_seeds == 1:
+        state = fresh(config.seed)
+    else:
+        state = seeds.stack([fresh(s) for s in seeds.seed_values(config.seed,
+                                                                 config.num_seeds)])
+        carry = seeds.stack([carry] * config.num_seeds)
+    # Distinct buffers per leaf: the train step donates the carry, and XLA refuses to donate
+    # one buffer twice (init_carry may share one zeros array between c and h).
+    carry = jax.tree.map(lambda a: jnp.array(a, copy=True), carry)
+    return model, tx, lr_fn, state, carry
+
+
+def make_devices(config: RunConfig) -> DataParallel | seeds.SeedStack:
+    """Where the steps run: every device (data parallel), or K stacked seeds on one device."""
+    if config.num_seeds == 1:
+        return DataParallel(config.parallel)
+    return seeds.SeedStack(config.num_seeds)
+
+
+def make_samplers(config: RunConfig, train_ids, rows) -> list:
+    """One sampler per seed (each its own data order), building this process's `rows`."""
+    return [samplers.make_sampler(config.sampler, train_ids, config.batch_size,
+                                  config.num_steps, seed, rows=rows)
+            for seed in seeds.seed_values(config.seed, config.num_seeds)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """When a run trains, evaluates, samples and saves, in optimizer steps."""
+    num_train_steps: int
+    eval_every: int
+    sample_every: int
+    checkpoint_every: int
+
+    @classmethod
+    def of(cls, config: RunConfig, steps_per_epoch: int) -> Schedule:
+        """Defaults: evaluation once an epoch, samples with it, saves every 500 steps or at
+        each evaluation if rarer; all rounded up to whole compiled calls."""
+        per_call = config.steps_per_call
+        epoch = -(-steps_per_epoch // per_call) * per_call
+        eval_every = config.eval_every or epoch
+        sample_every = config.sample_every or eval_every
+        checkpoint_every = (config.checkpoint_every
+                            or -(-max(eval_every, 500) // per_call) * per_call)
+        num_train_steps = config.num_train_steps or config.num_epochs * steps_per_epoch
+        return cls(num_train_steps, eval_every, sample_every, checkpoint_every)
+
+
+def check_resumable(config: RunConfig, workdir: str, store, resume_step: int | None):
+    """The vocabulary of the newest complete checkpoint (None without one), after checking that
+    it was made with the same model and data flags."""
+    if resume_step is None:
+        return None
+    saved_meta = store.read_meta(resume_step)
+    differ = model_flag_differences(saved_meta["flags"], config)
+    if differ:
+        raise UsageError(f"{workdir} holds a checkpoint made with other flags: "
+                         f"{'; '.join(differ)}; use another --workdir or the same flags")
+    return vocab.Vocab.from_json(saved_meta["vocab"])
+
+
+def check_held_out(config: RunConfig, splits: vocab.Splits) -> None:
+    # Evaluation would find this only at the first eval step, after training and saving.
+    for name in ("validation", "test"):
+        size = getattr(splits, name).size
+        if 0 < size < 2 * config.eval_batch_size:
+            raise UsageError(f"the {name} split has {size} tokens, too few for "
+                             f"--eval_batch_size={config.eval_batch_size} (needs "
+                             f"{2 * config.eval_batch_size}); lower --eval_batch_size or give "
+                             "the split a larger fraction with --split")
