@@ -137,11 +137,13 @@ class RunConfig:
         return parse_split(self.split)
 
 
-# Flags whose change makes a checkpoint unusable (other parameter shapes, other data or data
-# order): a resume with different values is refused. Intervals and budgets may change.
+# Flags whose change makes a checkpoint unusable or the run another one (other parameter shapes,
+# other data, data order or regularisation): a resume with different values is refused.
+# Intervals, budgets, --lr, --nan_policy and --eval_batch_size may change (the training loop
+# warns about the last: validation then reads other streams, see the README).
 RESUME_KEYS = ("corpus", "preprocess", "split", "max_tokens", "sampler", "batch_size",
                "num_steps", "cell", "activation", "gru_variant", "num_layers", "num_hiddens",
-               "residual", "layer_norm", "optimizer", "seed", "num_seeds")
+               "dropout", "residual", "layer_norm", "optimizer", "seed", "num_seeds")
 
 _HELP = {
     "corpus": "Corpus spec: names (time_machine, war_of_the_worlds, frankenstein, "

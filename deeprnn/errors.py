@@ -43,16 +43,26 @@ def _program_name(argv0: str) -> str:
 def parse_flags_or_exit(argv: list[str]) -> list[str]:
     """absl's flag parser, for `app.run(main, flags_parser=parse_flags_or_exit)`.
 
-    A bad flag or flagfile is one `error:` line and status 2 (absl's own message is a FATAL line
-    plus a hint, and status 1). An unset --verbosity means WARNING: Orbax logs every checkpoint
+    A bad flag or flagfile, or a positional argument (no program takes one), is one `error:`
+    line and status 2 (absl's own message is a FATAL line plus a hint, and status 1); --help
+    and --helpfull print the flags and exit 0 (absl's exit 1, which means a failed write
+    here). An unset --verbosity means WARNING: Orbax logs every checkpoint
     read and write at INFO, which buries the progress line and the program's output. It is set
     here because app.run turns an unset --verbosity into INFO right after this parser returns.
     """
+    program = _program_name(argv[0])
+    if any(arg in HELP_ARGS for arg in argv[1:]):  # absl's own help flags exit with status 1
+        print(_help(full="--helpfull" in argv[1:]))
+        sys.exit(0)
     try:
         remaining = flags.FLAGS(argv)
     except flags.Error as err:
-        print(f"error: {_flag_error(err)}; see {_program_name(argv[0])} --helpfull",
-              file=sys.stderr)
+        print(f"error: {_flag_error(err)}; see {program} --helpfull", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    if len(remaining) > 1:  # absl would hand them to main, which has no use for them
+        print(f"error: unexpected argument(s) {' '.join(map(repr, remaining[1:]))}: every "
+              "setting is a --flag, and a value with spaces needs quotes (--prefix=\"the time "
+              f"traveller\"); see {program} --helpfull", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     if flags.FLAGS["verbosity"].using_default_value:
         flags.FLAGS.verbosity = absl_logging.WARNING
@@ -73,6 +83,15 @@ def parse_argv(define_flags: Callable, argv: Sequence[str], program: str):
     except flags.Error as err:
         raise UsageError(f"{_flag_error(err)}; see python -m {program} --help") from err
     return values, positional
+
+
+def _help(full: bool) -> str:
+    """--helpfull: every flag; --help: the program's own (not absl's or Orbax's)."""
+    if full:
+        return flags.FLAGS.get_help()
+    libraries = ("absl.", "orbax.", "jax.", "jaxlib.", "tensorflow")
+    modules = [m for m in flags.FLAGS.flags_by_module_dict() if not m.startswith(libraries)]
+    return "\n\n".join(flags.FLAGS.module_help(m) for m in modules)
 
 
 def _flag_error(err: Exception) -> str:

@@ -7,6 +7,7 @@ rate is reported), e.g. a book by an author left out of training. Prints one JSO
 from __future__ import annotations
 
 import json
+import sys
 
 from absl import app, flags
 
@@ -14,6 +15,7 @@ from deeprnn.errors import UsageError, exit_on_usage_error, parse_flags_or_exit
 from deeprnn.training.trained_run import score_corpus
 
 FLAGS = flags.FLAGS
+UNK_WARNING_RATE = 0.25  # a quarter unseen: the score is more about <unk> than the model
 
 
 def define_flags() -> None:
@@ -24,7 +26,11 @@ def define_flags() -> None:
     flags.DEFINE_string("data_dir", None, "Folder of raw <name>.txt files (default: the run's, "
                         "or $DEEPRNN_DATA_DIR).")
     flags.DEFINE_enum("split", "test", ["train", "validation", "test", "all"],
-                      "Which part of each document to score; `all` scores the whole text.")
+                      "Which part of each document to score, cut with the run's --split "
+                      "fractions (a run trained with 1,0,0 has no validation or test part); "
+                      "`all` scores the whole text.")
+    flags.DEFINE_integer("eval_batch_size", None, "Streams the text is read as (default: the "
+                         "run's --eval_batch_size; fewer when the text is too short).")
 
 
 def main(argv):
@@ -32,8 +38,13 @@ def main(argv):
     with exit_on_usage_error():
         if not FLAGS.workdir:
             raise UsageError("--workdir is required: the folder of a trained run")
-        result = score_corpus(FLAGS.workdir, FLAGS.corpus, FLAGS.data_dir, FLAGS.split)
+        result = score_corpus(FLAGS.workdir, FLAGS.corpus, FLAGS.data_dir, FLAGS.split,
+                              FLAGS.eval_batch_size)
         print(json.dumps(result, indent=1))
+        if result["unk_rate"] > UNK_WARNING_RATE:
+            print(f"warning: {result['unk_rate']:.0%} of this text is characters the run's "
+                  "vocabulary lacks (<unk>), so its perplexity says little about the model; "
+                  "score a text written in the run's alphabet", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -44,3 +44,14 @@ def quick_compile():
     jax.config.update("jax_disable_most_optimizations", True)
     yield
     jax.config.update("jax_disable_most_optimizations", False)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished tiny run (checkpoints at 20 and 40) and the text file it trained on."""
+    from tests.helpers import run, tiny_argv, write_text
+
+    text = write_text(tmp_path_factory.mktemp("text") / "tiny.txt")
+    workdir = tmp_path_factory.mktemp("finished")
+    run(tiny_argv(text, workdir))
+    return text, workdir

@@ -176,9 +176,10 @@ def eval_batches(ids, batch_size: int,
     ids = _token_array(ids)
     n, b, t = len(ids), int(batch_size), int(num_steps)
     if n < 2 * b:
+        lower = " lower --eval_batch_size or" if b > 1 else ""
         raise UsageError(f"the evaluation text has {n} tokens, too short for eval batch_size={b}"
-                         f" (each stream needs 2 tokens, so at least {2 * b}); lower"
-                         " --eval_batch_size or use a larger held-out split")
+                         f" (each stream needs 2 tokens, so at least {2 * b});{lower} use a "
+                         "larger held-out split")
     lengths = np.full(b, n // b)
     lengths[: n % b] += 1
     stream_starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])

@@ -230,6 +230,9 @@ def load_documents(spec: str, data_dir: str | None = None, tfds_data_dir: str | 
     documents = []
     for entry in parse_spec(spec):
         if entry.startswith("file:"):
+            if not entry.removeprefix("file:").strip():
+                raise UsageError(f"corpus {entry!r} names no file; give its path, e.g. "
+                                 "file:books/kafka.txt")
             path = Path(entry.removeprefix("file:")).expanduser()
             documents.append(document_from_bytes(entry, _read_file(path), "", "", str(path),
                                                  fallback_title=path.stem))

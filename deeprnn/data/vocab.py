@@ -22,6 +22,7 @@ from deeprnn.config import CHOICES, check_split
 from deeprnn.errors import UsageError
 
 PREPROCESS_RULES = CHOICES["preprocess"]
+UNK_ID = 0  # Vocab's first entry: every character outside the vocabulary
 SPLIT_NAMES = ("train", "validation", "test")
 HELD_OUT_SPLITS = ("validation", "test")
 
@@ -95,7 +96,7 @@ class Vocab:
         where = np.searchsorted(self._sorted_points, points)
         where = np.minimum(where, len(self._sorted_points) - 1)
         known = self._sorted_points[where] == points
-        return np.where(known, self._sorted_ids[where], 0).astype(np.int32)
+        return np.where(known, self._sorted_ids[where], UNK_ID).astype(np.int32)
 
     def decode(self, ids) -> str:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
@@ -178,7 +179,7 @@ def build_splits(documents, preprocess_rule: str = "d2l",
                              " > 0 or reuse a saved vocabulary")
         vocab = Vocab.build(parts["train"])
     encoded = {name: vocab.encode("".join(pieces)) for name, pieces in parts.items()}
-    unk_rate = {name: float(np.mean(encoded[name] == 0))
+    unk_rate = {name: float(np.mean(encoded[name] == UNK_ID))
                 for name in HELD_OUT_SPLITS if len(encoded[name])}
     return Splits(vocab=vocab, train=encoded["train"], validation=encoded["validation"],
                   test=encoded["test"], documents=records, unk_rate=unk_rate)

@@ -6,11 +6,13 @@ every prefix up to a bucket length.
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deeprnn.data.vocab import UNK_ID
 from deeprnn.errors import UsageError
 from deeprnn.model.build import build_model
 from deeprnn.model.config import ModelConfig
@@ -22,7 +24,10 @@ def choose_next(logits: jax.Array, temperature: jax.Array, rng: jax.Array) -> ja
 
     temperature is traced (one compiled function serves every temperature), so both branches
     are computed and one is selected; the max() keeps the unused branch free of inf / nan.
+    Token 0, the vocabulary's <unk>, is never chosen: it stands for characters the model never
+    saw, and printing "<unk>" in generated text says nothing.
     """
+    logits = logits.at[..., UNK_ID].set(-jnp.inf)
     greedy = jnp.argmax(logits, axis=-1)
     sampled = jax.random.categorical(rng, logits / jnp.maximum(temperature, 1e-6), axis=-1)
     return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
@@ -97,8 +102,9 @@ def generate(config: ModelConfig, params, prefix_ids, length: int, temperature: 
     if prefix.min() < 0 or prefix.max() >= config.vocab_size:
         raise UsageError(f"prefix ids must lie in [0, {config.vocab_size}): encode the "
                          "prefix with the model's vocabulary")
-    if length < 0 or temperature < 0:
-        raise UsageError(f"length={length} and temperature={temperature} must not be negative")
+    if length < 0 or not temperature >= 0 or not math.isfinite(temperature):
+        raise UsageError(f"length={length} must not be negative and temperature={temperature} "
+                         "must be a finite number >= 0")
     if length == 0:
         return np.zeros(0, np.int32)
     rng = jax.random.key(0) if rng is None else rng

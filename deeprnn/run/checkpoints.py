@@ -9,10 +9,12 @@ Steps without it are reported and never loaded.
 A complete step is one whose record exists: Orbax has finished writing it (files renamed into
 place) and only then, on process 0, the record was written and renamed into place itself.
 
-A complete checkpoint that cannot be read is refused, not skipped: its record says it was
-whole once, so its files were damaged afterwards (disk, copy, hand edits). Falling back on
-our own would hide that and then keep training over the damaged folder; the error names the
-folder and the earlier step that deleting it would resume from, and changes nothing.
+The record also holds a SHA-256 of every array and of the metadata as saved (digests.py), and
+every restore checks them before the state is used. A complete checkpoint that cannot be read or
+fails its digests was damaged after the save (disk, copy, hand edits): `restore_newest` moves it
+aside to `<dir>/.damaged/<step>` (never deleted) with one warning and takes the newest one that
+passes, so an unattended run loses only the steps since that one. A checkpoint saved before
+digests existed has none and loads as before.
 
 A save that fails (disk full, file-size limit) raises CheckpointWriteError naming the step;
 its folder never gets a record, and earlier checkpoints are untouched.
@@ -21,10 +23,12 @@ its folder never gets a record, and earlier checkpoints are untouched.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -32,31 +36,53 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from deeprnn.errors import UsageError
+from deeprnn.run import digests
 from deeprnn.run.lifecycle import RunFailed, fault_point
 
 COMPLETE_RECORD = "deeprnn_complete.json"
+DAMAGED_DIR = ".damaged"  # Orbax lists only integer folder names, so it never reads this one
+MAX_RESTORE_TRIES = 20  # newest-first attempts before giving up (each failed one is set aside)
 
 
 class CheckpointWriteError(RunFailed):
     """A checkpoint save that did not finish (its step is never marked complete)."""
 
 
-def _first_line(err: BaseException) -> str:
-    """The cause in a few words. Orbax fails in C++ (tensorstore: kilobytes of JSON with the
-    OS error code inside, e.g. `File too large [os_error_code='27']`) or in Python (an
-    OSError, possibly chained), depending on which file hits the limit first."""
+class CheckpointDamaged(UsageError):
+    """A complete checkpoint whose files cannot be read or do not match their digests."""
+
+    def __init__(self, directory: epath.Path, step: int, problem: str):
+        self.step = step
+        super().__init__(f"checkpoint {directory / str(step)} is marked complete but {problem}; "
+                         "its files were damaged after the save")
+
+
+def _os_error_code(err: BaseException) -> int | None:
+    """The OS error code behind a failure. Orbax fails in C++ (tensorstore: kilobytes of JSON
+    with the code inside, e.g. `File too large [os_error_code='27']`) or in Python (an OSError,
+    possibly chained), depending on which file hits the limit first."""
     cause: BaseException | None = err
     while cause is not None:
         if isinstance(cause, OSError) and cause.errno:
-            return f"{os.strerror(cause.errno)}, errno {cause.errno}"
+            return cause.errno
         cause = cause.__cause__ or cause.__context__
-    text = str(err).strip()
-    code = re.search(r"os_error_code='?(\d+)|\[Errno (\d+)\]", text)
-    if code:
-        errno = int(code.group(1) or code.group(2))
-        return f"{os.strerror(errno)}, errno {errno}"
-    lines = text.splitlines()
+    code = re.search(r"os_error_code='?(\d+)|\[Errno (\d+)\]", str(err))
+    return int(code.group(1) or code.group(2)) if code else None
+
+
+def _first_line(err: BaseException) -> str:
+    """The cause in a few words."""
+    code = _os_error_code(err)
+    if code is not None:
+        return f"{os.strerror(code)}, errno {code}"
+    lines = str(err).strip().splitlines()
     return f"{type(err).__name__}: {lines[0][:200] if lines else ''}"
+
+
+def _fix_for(err: BaseException) -> str:
+    if _os_error_code(err) in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "make the folder writable"
+    return "free disk space (or raise the file-size limit)"
 
 
 class RunCheckpoints:
@@ -69,9 +95,10 @@ class RunCheckpoints:
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True),
+                max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=False),
         )
         self._unrecorded: list[int] = []
+        self._digests: dict[int, dict] = {}  # of saves not yet recorded complete (process 0)
 
     # -- completion records -------------------------------------------------------------
     def _record_path(self, step: int) -> epath.Path:
@@ -86,8 +113,9 @@ class RunCheckpoints:
             for step in pending:
                 fault_point("before_record", step)
                 if step not in missing:
+                    record = {"step": step, digests.ALGORITHM: self._digests.pop(step, None)}
                     tmp = self.directory / str(step) / (COMPLETE_RECORD + ".tmp")
-                    tmp.write_text(json.dumps({"step": step}))
+                    tmp.write_text(json.dumps(record))
                     tmp.rename(self._record_path(step))
         if missing:
             self._unrecorded = missing
@@ -108,13 +136,16 @@ class RunCheckpoints:
         return sorted(s for s in self._manager.all_steps() if s not in done)
 
     def latest_complete_step(self) -> int | None:
-        incomplete = self.incomplete_steps()
-        if incomplete:
-            logging.warning("ignoring incomplete checkpoint step(s) %s in %s (no %s: the run "
-                            "stopped while saving them); resuming from the newest complete one",
-                            incomplete, self.directory, COMPLETE_RECORD)
+        self._warn_of_incomplete_steps()
         steps = self.complete_steps()
         return steps[-1] if steps else None
+
+    def _warn_of_incomplete_steps(self) -> None:
+        incomplete = self.incomplete_steps()
+        if incomplete:
+            logging.warning("ignoring incomplete checkpoint step(s) %s in %s (no %s: a save "
+                            "that did not finish, or a folder partly deleted); using the newest "
+                            "complete one", incomplete, self.directory, COMPLETE_RECORD)
 
     # -- save / restore -----------------------------------------------------------------
     def save(self, step: int, state: Any, meta: dict, *, wait: bool = False,
@@ -140,6 +171,11 @@ class RunCheckpoints:
                 return
             self._manager.delete(step)
         self._unrecorded.append(step)
+        if jax.process_index() == 0:  # the process that writes the completion records
+            self._digests[step] = {"state": digests.state_digests(state),
+                                   "meta": digests.meta_digest(meta)}
+        if not self.directory.exists():  # created at the first save, not before (nothing is
+            self.directory.mkdir(parents=True, exist_ok=True)  # left by a run that fails early)
         with self._failures_named():
             self._manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
@@ -160,12 +196,13 @@ class RunCheckpoints:
             yield
         except Exception as err:  # Orbax/tensorstore raise plain Exceptions on write errors
             failed, self._unrecorded = self._unrecorded, []
+            self._digests.clear()
             good = self.complete_steps()
             raise CheckpointWriteError(
                 f"saving checkpoint step {', '.join(map(str, failed)) or '?'} in "
                 f"{self.directory} failed ({_first_line(err)}); the newest complete checkpoint "
-                f"({'step ' + str(good[-1]) if good else 'none'}) is intact: free disk space "
-                "(or raise the file-size limit) and run the same command again to resume"
+                f"({'step ' + str(good[-1]) if good else 'none'}) is intact: {_fix_for(err)} "
+                "and run the same command again to resume"
             ) from err
 
     def reached_preemption(self, step: int) -> bool:
@@ -173,36 +210,92 @@ class RunCheckpoints:
         notice (Orbax's check over JAX's preemption service)."""
         return self._manager.reached_preemption(step)
 
-    def read_meta(self, step: int) -> dict:
+    def read_record(self, step: int) -> dict:
         try:
-            restored = self._manager.restore(
-                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        except Exception as err:  # noqa: BLE001 - any failure to read is a damaged folder
-            raise self._unreadable(step, err) from err
-        return dict(restored.meta)
+            return json.loads(self._record_path(step).read_text())
+        except (OSError, ValueError) as err:
+            raise CheckpointDamaged(self.directory, step, f"its {COMPLETE_RECORD} cannot be "
+                                    f"read ({_first_line(err)})") from err
 
-    def _unreadable(self, step: int, err: BaseException) -> UsageError:
-        earlier = [s for s in self.complete_steps() if s < step]
-        fallback = (f"resume from step {earlier[-1]}, the previous complete one" if earlier
-                    else "start from scratch")
-        return UsageError(
-            f"checkpoint {self.directory / str(step)} is marked complete but cannot be read "
-            f"({_first_line(err)}); its files were damaged after the save: restore them, or "
-            f"delete that folder to {fallback}")
+    def read_meta(self, step: int) -> dict:
+        """The step's metadata, checked against its digest (CheckpointDamaged otherwise)."""
+        recorded = (self.read_record(step).get(digests.ALGORITHM) or {}).get("meta")
+        try:
+            meta = dict(self._manager.restore(
+                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+        except Exception as err:  # noqa: BLE001 - any failure to read is a damaged folder
+            raise CheckpointDamaged(self.directory, step,
+                                    f"cannot be read ({_first_line(err)})") from err
+        if recorded is not None and digests.meta_digest(meta) != recorded:
+            raise CheckpointDamaged(self.directory, step, "its metadata fails its digest")
+        return meta
 
     def restore(self, step: int, target_state: Any) -> tuple[Any, dict]:
+        """(state, meta) of the step, both checked against their digests (CheckpointDamaged
+        otherwise; a checkpoint saved before digests has none to check)."""
+        meta = self.read_meta(step)
+        recorded = (self.read_record(step).get(digests.ALGORITHM) or {}).get("state")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
         failure = None
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+                state=ocp.args.StandardRestore(abstract)))
         except Exception as err:  # noqa: BLE001 - tensorstore raises plain Exception
-            failure = self._unreadable(step, err)
+            failure = CheckpointDamaged(self.directory, step,
+                                        f"cannot be read ({_first_line(err)})")
         if failure is not None:
             # Raised outside the except block: the tensorstore error's traceback holds the
             # reads still pending, which then linger (and warn) until the process ends.
             raise failure
-        return restored.state, dict(restored.meta)
+        bad = digests.mismatches(recorded or {}, restored.state)
+        if bad:
+            named = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+            raise CheckpointDamaged(self.directory, step,
+                                    f"{len(bad)} array(s) fail their digests ({named})")
+        return restored.state, meta
+
+    def restore_newest(self, target_for: Callable[[dict], Any]):
+        """(step, state, meta) of the newest complete checkpoint that reads back whole, or None.
+
+        `target_for(meta)` gives the state structure to restore for that checkpoint's meta (it
+        may refuse with a UsageError, which goes to the caller). A damaged checkpoint is moved
+        aside with one warning and the next newest is tried; one deleted while it was read
+        (another process on the workdir keeps only --max_to_keep) is passed over.
+        """
+        self._warn_of_incomplete_steps()
+        tried: set[int] = set()
+        for _ in range(MAX_RESTORE_TRIES):
+            self._manager.reload()  # another process may have saved or deleted steps
+            candidates = [s for s in self.complete_steps() if s not in tried]
+            if not candidates:
+                return None
+            step = candidates[-1]
+            tried.add(step)
+            try:
+                state, meta = self.restore(step, target_for(self.read_meta(step)))
+                return step, state, meta
+            except CheckpointDamaged as damage:
+                if not (self.directory / str(step)).exists():
+                    logging.warning("checkpoint step %d in %s was deleted while it was read "
+                                    "(a run on this workdir keeps --max_to_keep); reading the "
+                                    "next one", step, self.directory)
+                    continue
+                self.move_aside(step, damage)
+        raise UsageError(f"no readable checkpoint in {self.directory} after {MAX_RESTORE_TRIES}"
+                         " tries; check the folder")
+
+    def move_aside(self, step: int, damage: CheckpointDamaged) -> None:
+        """Moves a damaged step to <dir>/.damaged/<step> (kept for a look, never deleted)."""
+        aside = self.directory / DAMAGED_DIR / str(step)
+        if jax.process_index() == 0:
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            suffix = 1
+            while aside.exists():  # the same step damaged twice: keep both
+                aside, suffix = aside.parent / f"{step}.{suffix}", suffix + 1
+            (self.directory / str(step)).rename(aside)
+        logging.warning("%s; moved it to %s and using the newest checkpoint before it",
+                        damage, aside)
+        self._manager.reload()
 
     def close(self) -> None:
         try:
@@ -222,10 +315,9 @@ def save_best(workdir: str, params: Any, step: int) -> None:
 
 
 def restore_best(workdir: str, params: Any) -> tuple[Any, int | None]:
-    """(best parameters, their step), or (`params`, None) when the run saved no best."""
+    """(best parameters, their step), or (`params`, None) when the run saved no best, or its
+    best is damaged (moved aside with a warning)."""
     best = RunCheckpoints(f"{workdir}/best", max_to_keep=1, async_save=False)
-    step = best.latest_complete_step()
-    if step is not None:
-        params = best.restore(step, {"params": params})[0]["params"]
+    found = best.restore_newest(lambda meta: {"params": params})
     best.close()
-    return params, step
+    return (found[1]["params"], found[0]) if found else (params, None)

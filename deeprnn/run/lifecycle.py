@@ -10,15 +10,18 @@ Exit statuses of `python -m deeprnn.train`:
         in the workdir was written over.
     75  stopped early by SIGTERM or SIGINT (a preemption notice, Ctrl-C) after finishing the
         current step and saving a checkpoint of it: run the same command again to resume.
+    130 a second Ctrl-C stopped it at once (the newest complete checkpoint is intact).
         75 is EX_TEMPFAIL of sysexits.h, "a temporary failure: try again later", so a
         launcher can tell "resume me" from a failure and from a kill by a signal (128 + n).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import fcntl
+import importlib.util
 import json
 import logging
 import os
@@ -30,6 +33,7 @@ from deeprnn.errors import EXIT_USAGE, UsageError  # noqa: F401 (EXIT_USAGE re-e
 
 EXIT_FAILED = 1
 EXIT_PREEMPTED = 75
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a process Ctrl-C ended
 
 LOCK_FILE = "deeprnn.lock"
 CRASH_ENV = "DEEPRNN_TEST_CRASH_AT"
@@ -52,11 +56,40 @@ class RunFailed(Exception):
     exit_code = EXIT_FAILED
 
 
-def describe_os_error(err: OSError) -> str:
+def interrupted(err: BaseException) -> bool:
+    """True when a KeyboardInterrupt (a second Ctrl-C) caused this failure, somewhere down
+    its chain: a save it cut short is not a full disk."""
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, KeyboardInterrupt):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+REMOTE_WORKDIRS = {"gs": "gcsfs"}  # scheme -> the package etils.epath reaches it through
+
+
+def check_workdir_location(workdir: str, flag: str = "workdir") -> None:
+    """A local folder, or gs:// with gcsfs installed; anything else is one usage error (etils
+    would raise a KeyError for an unknown scheme, an ImportError without gcsfs)."""
+    if "://" not in os.fspath(workdir):
+        return
+    scheme = os.fspath(workdir).split("://", 1)[0]
+    if scheme not in REMOTE_WORKDIRS:
+        raise UsageError(f"--{flag}={workdir}: {scheme}:// is not supported; use a local folder "
+                         "or gs://BUCKET/PATH")
+    if importlib.util.find_spec(REMOTE_WORKDIRS[scheme]) is None:
+        raise UsageError(f"--{flag}={workdir} needs {REMOTE_WORKDIRS[scheme]} to reach Cloud "
+                         "Storage: pip install -e '.[gcs]'")
+
+
+def describe_os_error(err: OSError, step: int | None = None) -> str:
     """One line for an OSError met while writing the workdir (disk full, read-only, ...)."""
     where = f" {err.filename}" if err.filename else ""
-    return (f"cannot write{where}: {err.strerror or err}; free disk space or fix the folder's "
-            "permissions, then run the same command again to resume")
+    when = f" at step {step}" if step is not None else ""
+    return (f"cannot write{where}{when}: {err.strerror or err}; free disk space or fix the "
+            "folder's permissions, then run the same command again to resume")
 
 
 # ----------------------------------------------------------------------------- stop signals
@@ -120,18 +153,39 @@ class WorkdirLock:
     blocks. The file names its holder (pid, host, start time) for the refusal message. On a
     filesystem without flock the holder's pid is checked instead (same host only). Remote
     workdirs (gs://) have no lock that a killed run releases: they get none, with a warning.
+    `release` deletes the file, and the workdir too when the lock created it and nothing else
+    was written (a run refused for its data leaves no trace).
     """
 
     def __init__(self, workdir: str):
         self.workdir = os.fspath(workdir)
         self.path = os.path.join(self.workdir, LOCK_FILE)
         self._fd: int | None = None
+        self._created_workdir = False
 
     def acquire(self) -> WorkdirLock:
         if "://" in self.workdir:
             logging.warning("%s is remote: no workdir lock is taken; make sure only one run "
                             "uses it at a time", self.workdir)
             return self
+        self._created_workdir = not os.path.exists(self.workdir)
+        for _ in range(10):  # a releasing holder may delete the file we opened: open it again
+            fd = self._open_locked()
+            if _same_file(fd, self.path):
+                break
+            os.close(fd)
+        else:
+            raise UsageError(f"--workdir={self.workdir}: its {LOCK_FILE} keeps being replaced; "
+                             "is another run starting and stopping there?")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({
+            "pid": os.getpid(), "host": socket.gethostname(),
+            "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        }).encode() + b"\n", 0)
+        self._fd = fd
+        return self
+
+    def _open_locked(self) -> int:
         try:
             os.makedirs(self.workdir, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -149,24 +203,56 @@ class WorkdirLock:
                     "wait for it to end or stop it, or choose another --workdir") from None
             logging.warning("no flock on %s (%s); its holder is gone, taking it over",
                             self.path, err.strerror)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({
-            "pid": os.getpid(), "host": socket.gethostname(),
-            "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        }).encode() + b"\n", 0)
-        self._fd = fd
-        return self
+        return fd
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the last descriptor drops the flock
-            self._fd = None
+        if self._fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)  # while still held, so no other run holds a deleted file
+        os.close(self._fd)  # closing the last descriptor drops the flock
+        self._fd = None
+        if self._created_workdir:
+            with contextlib.suppress(OSError):  # not empty: the run wrote something, keep it
+                os.rmdir(self.workdir)
 
     def __enter__(self) -> WorkdirLock:
         return self.acquire()
 
     def __exit__(self, *exc_info) -> None:
         self.release()
+
+
+@contextlib.contextmanager
+def locked_workdir(workdir: str, multihost: bool):
+    """The workdir lock for a run of one or several processes: process 0 takes it, and every
+    process learns whether it could, so that none waits in a collective for one that stopped."""
+    import jax  # deferred: the lock alone needs no JAX (sweeps and tests use WorkdirLock)
+
+    lock, error = WorkdirLock(workdir), None
+    if jax.process_index() == 0:
+        try:
+            lock.acquire()
+        except UsageError as err:
+            error = err
+    if multihost:  # every process learns process 0's outcome, so none waits in a collective
+        from jax.experimental import multihost_utils  # deferred: only multi-host runs need it
+
+        if not int(multihost_utils.broadcast_one_to_all(jax.numpy.int32(error is None))):
+            error = error or UsageError("process 0 could not lock --workdir; see its log")
+    if error is not None:
+        raise error
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def _read_holder(fd: int) -> dict:

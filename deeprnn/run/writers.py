@@ -22,7 +22,9 @@ lent GPU machines), and with torch hidden: see `_import_tensorboardx`.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -30,6 +32,7 @@ import sys
 import tempfile
 import time
 import types
+from collections.abc import Iterator
 from typing import Any
 
 from etils import epath
@@ -77,29 +80,55 @@ def write_text_whole(path: epath.Path, text: str) -> None:
         path.write_text(text)  # A GCS upload creates the new object generation atomically.
         return
     tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())  # The data is on disk before the rename makes it visible.
-    os.replace(tmp, path)
+    with _naming_the_file(path):  # a full disk fails in write/fsync, which name no file
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())  # The data is on disk before the rename makes it visible.
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def _naming_the_file(path) -> Iterator[None]:
+    """An OSError without a file name gets `path` as its file name."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None:
+            raise OSError(err.errno, err.strerror, os.fspath(path)) from err
+        raise
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    """The records of `workdir/metrics.jsonl` in step order; [] when the file does not exist."""
-    path = epath.Path(workdir) / METRICS_FILE
+    """The records of `workdir/metrics.jsonl` in step order; [] when the file does not exist.
+    A torn last line (a crash or a full disk mid-write) is dropped with a warning."""
+    return _read_records(epath.Path(workdir) / METRICS_FILE)[0]
+
+
+def _read_records(path: epath.Path) -> tuple[list[dict], bool]:
+    """(records, whether a torn last line was dropped); a damaged line before the last is a
+    UsageError naming it: dropping it would lose history silently."""
     if not path.exists():
-        return []
+        return [], False
+    lines = [(number, line) for number, line in enumerate(path.read_text().splitlines(), 1)
+             if line.strip()]
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
+    for index, (number, line) in enumerate(lines):
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as e:
+            if index == len(lines) - 1:
+                logging.warning("%s line %d, the last, is cut off (%s); dropped it (a resumed "
+                                "run logs steps after its checkpoint again)", path, number, e.msg)
+                return records, True
             raise UsageError(
-                f"{path} line {number} is not JSON ({e.msg}): repair or delete the file"
-            ) from None
-    return records
+                f"{path} line {number} of {len(lines)} is not JSON ({e.msg}): repair that line "
+                "or delete it (the lines after it are fine)") from None
+    return records, False
 
 
 class RunWriter:
@@ -134,12 +163,13 @@ class RunWriter:
         self._workdir_path = epath.Path(self.workdir)
         self._workdir_path.mkdir(parents=True, exist_ok=True)
         self._metrics_path = self._workdir_path / METRICS_FILE
-        self._records = read_metrics(self.workdir)
+        self._records, repaired = _read_records(self._metrics_path)
         if resume_step is not None:
             kept = [r for r in self._records if r.get("step", -math.inf) <= resume_step]
-            if len(kept) != len(self._records):
-                self._records = kept
-                self._write_metrics()
+            repaired |= len(kept) != len(self._records)
+            self._records = kept
+        if repaired:
+            self._write_metrics()
         if not tensorboard:  # metrics.jsonl and summary.json only (--notensorboard)
             return
         purge_step = self._purge_step(resume_step)
@@ -266,7 +296,8 @@ class RunWriter:
 
     def _flush_events(self) -> None:
         if self._events is not None:
-            self._events.flush()  # file flush + fsync
+            with _naming_the_file(getattr(self._events, "_file_name", self.workdir)):
+                self._events.flush()  # file flush + fsync
         self._events_flushed_at = time.monotonic()
 
     def _write_metrics(self) -> None:

@@ -18,7 +18,6 @@ multi-host start), locks the workdir and takes the stop signals, then runs a `Tr
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import logging
@@ -30,18 +29,26 @@ import numpy as np
 
 from deeprnn.config import RunConfig, profile_steps
 from deeprnn.data import vocab
-from deeprnn.errors import UsageError
 from deeprnn.model.generation import generate
 from deeprnn.model.stack import init_carry
 from deeprnn.run.checkpoints import RunCheckpoints, save_best
 from deeprnn.run.console import ProgressLine
-from deeprnn.run.lifecycle import Preempted, RunFailed, StopSignals, WorkdirLock, fault_point
+from deeprnn.run.lifecycle import (
+    Preempted,
+    RunFailed,
+    StopSignals,
+    check_workdir_location,
+    describe_os_error,
+    fault_point,
+    locked_workdir,
+)
 from deeprnn.run.metadata import run_metadata
 from deeprnn.run.process import enable_compilation_cache, keep_freed_host_memory
 from deeprnn.run.summary import finished_summary, write_summary
 from deeprnn.run.writers import RunWriter
 from deeprnn.training.device_batches import sampler_starts
 from deeprnn.training.evaluation import evaluate_ids, final_evaluation
+from deeprnn.training.memory_check import check_fits
 from deeprnn.training.parallel import start_multihost
 from deeprnn.training.progress import (
     Progress,
@@ -50,19 +57,25 @@ from deeprnn.training.progress import (
     as_seed_list,
     non_finite_error,
     run_summary,
+    run_totals,
     seed_record,
     skipped_updates,
     train_records,
 )
 from deeprnn.training.setup import (
     Schedule,
+    abstract_training_state,
+    adopt_nan_policy,
     check_held_out,
-    check_resumable,
+    check_same_text,
     initial_training_state,
     load_splits,
     make_devices,
     make_samplers,
     model_config_for,
+    resume_target,
+    saved_nan_policy,
+    warn_if_eval_batch_changed,
 )
 from deeprnn.training.train_step import eval_step, train_steps
 
@@ -74,12 +87,13 @@ def train_and_evaluate(config: RunConfig, workdir: str) -> dict:
     last finished step was checkpointed), RunFailed or OSError (a write failed). The workdir
     is locked for the whole run (process 0's lock on multi-host runs).
     """
+    check_workdir_location(workdir)
     enable_compilation_cache()
     keep_freed_host_memory()
     start_multihost(config.multihost, config.coordinator_address, config.num_processes,
                     config.process_id)
     multihost = jax.process_count() > 1
-    with _workdir_lock(workdir, multihost), StopSignals(multihost) as stop:
+    with locked_workdir(workdir, multihost), StopSignals(multihost) as stop:
         start_time = time.time()
         store = RunCheckpoints(f"{workdir}/checkpoints", max_to_keep=config.max_to_keep)
         try:
@@ -87,29 +101,8 @@ def train_and_evaluate(config: RunConfig, workdir: str) -> dict:
         finally:
             try:  # saves under way hold good steps (each is saved only after its checks)
                 store.close()
-            except RunFailed as err:
-                logging.error("%s", err)
-
-
-@contextlib.contextmanager
-def _workdir_lock(workdir: str, multihost: bool):
-    lock, error = WorkdirLock(workdir), None
-    if jax.process_index() == 0:
-        try:
-            lock.acquire()
-        except UsageError as err:
-            error = err
-    if multihost:  # every process learns process 0's outcome, so none waits in a collective
-        from jax.experimental import multihost_utils  # deferred: only multi-host runs need it
-
-        if not int(multihost_utils.broadcast_one_to_all(np.int32(error is None))):
-            error = error or UsageError("process 0 could not lock --workdir; see its log")
-    if error is not None:
-        raise error
-    try:
-        yield
-    finally:
-        lock.release()
+            except Exception as err:  # noqa: BLE001 - never hides the failure that ended the run
+                logging.error("closing the checkpoints: %s", err)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,9 +128,13 @@ class Trainer:
         self.config, self.workdir, self.stop, self.store = config, workdir, stop, store
         self.start_time = start_time
         self.is_main = jax.process_index() == 0
-        resume_step = store.latest_complete_step()
-        saved_vocab = check_resumable(config, workdir, store, resume_step)
-        self.splits = load_splits(config, saved_vocab)
+        # The newest checkpoint that reads back whole; damaged ones are moved aside.
+        found = store.restore_newest(resume_target(config, workdir))
+        meta = found[2] if found else None
+        self.splits = load_splits(config, vocab.Vocab.from_json(meta["vocab"]) if meta else None)
+        if meta:
+            check_same_text(meta, self.splits)
+            warn_if_eval_batch_changed(meta, config)
         check_held_out(config, self.splits)
         self.devices = make_devices(config)
         self.samplers = make_samplers(config, self.splits.train,
@@ -145,21 +142,39 @@ class Trainer:
         self.eval_rows = self.devices.rows(config.eval_batch_size, "eval_batch_size")
         self.schedule = Schedule.of(config, self.samplers[0].steps_per_epoch)
         self.model_config = model_config_for(config, self.splits.vocab.size)
+        if not found:  # a resumed run fitted when it was saved (its sizes cannot change)
+            self._check_memory()
         self.model, self.tx, self.lr_fn, self.state, self.carry = initial_training_state(
             config, self.model_config, self.schedule.num_train_steps)
         self.progress = Progress.fresh(config.num_seeds)
-        self.resumed = resume_step is not None
-        if self.resumed:
-            restored, meta = store.restore(resume_step, {"train": self.state, "carry": self.carry})
-            self.state, self.carry = restored["train"], restored["carry"]
+        self.resumed = found is not None
+        if found:
+            step, restored, meta = found
+            self.state = adopt_nan_policy(restored["train"], self.state,
+                                          saved_nan_policy(meta, config), config.nan_policy)
+            self.carry = restored["carry"]
             self.progress = Progress(**meta["progress"])
             if self.is_main:  # the CLI hides INFO logs; a resume is worth one visible line
-                print(f"resuming from step {resume_step} in {workdir}", file=sys.stderr)
+                print(f"resuming from step {step} in {workdir}", file=sys.stderr)
         self.step = int(np.asarray(self.state.step).ravel()[0])
         self.tokens_per_step = config.batch_size * config.num_steps * config.num_seeds
 
+    def _check_memory(self) -> None:
+        """Refuses a model that cannot fit before its state is allocated (memory_check.py)."""
+        one_seed = dataclasses.replace(self.config, num_seeds=1)
+        state, carry = abstract_training_state(one_seed, self.model_config)
+        check_fits(self.config, self.model_config, state, carry,
+                   num_tokens=len(self.splits.train),
+                   rows=self.config.batch_size // self.devices.num_devices)
+
     # -- the run ------------------------------------------------------------------------------
     def run(self) -> dict:
+        try:
+            return self._run()
+        except OSError as err:  # a log, summary or event write: name the file and the step
+            raise RunFailed(describe_os_error(err, self.step)) from err
+
+    def _run(self) -> dict:
         last = self.schedule.num_train_steps
         if self.step >= last and (done := finished_summary(self.workdir, self.step)):
             if self.is_main:  # rerunning would rewrite its summary with an empty run's speed
@@ -297,8 +312,9 @@ class Trainer:
         if due.save:
             self._save(wait=self.step == self.schedule.num_train_steps or due.stopping)
         self.clock.restart()  # evaluation, samples and checkpoints excluded
-        self.meta_info.update(steps_done=self.step, wall_time_s=time.time() - self.start_time,
-                              tokens_per_sec=self.clock.tokens_per_sec(self.tokens_per_step))
+        totals = self._totals()
+        self.meta_info.update(steps_done=self.step, wall_time_s=totals["wall_time_s"],
+                              tokens_per_sec=totals["tokens_per_sec"])
         # Rewritten (fsync, or a GCS upload) when it gains a score or a checkpoint, not each epoch.
         if self.is_main and (due.evaluate or due.save):
             write_summary(self.workdir, run_summary(self.meta_info, self.progress))
@@ -312,7 +328,9 @@ class Trainer:
             raise Preempted(self.step, self.stop.received)
         final, per_seed = final_evaluation(self.workdir, self._evaluate, self._logical_params(),
                                            self.splits, self.writer, self.step)
-        self.meta_info.update(steps_done=self.step, wall_time_s=time.time() - self.start_time)
+        totals = self._totals()
+        self.meta_info.update(steps_done=self.step, wall_time_s=totals["wall_time_s"],
+                              tokens_per_sec=totals["tokens_per_sec"])
         summary = run_summary(self.meta_info, self.progress, final, per_seed)
         if self.is_main:
             write_summary(self.workdir, summary)
@@ -345,11 +363,18 @@ class Trainer:
         if not all_finite(self.state.params):
             raise non_finite_error(self.step, ["parameters"], self.store)
         self.writer.flush()  # logs up to this step are durable before the checkpoint covers them
+        # The progress as a resumed process would need it: its training time so far is
+        # "earlier" time for the process that resumes from this checkpoint.
+        progress = {**dataclasses.asdict(self.progress), **self._totals()["saved"]}
         meta = {"flags": dataclasses.asdict(self.config), "vocab": self.splits.vocab.to_json(),
-                "progress": dataclasses.asdict(self.progress),
-                "num_train_steps": self.schedule.num_train_steps}
+                "progress": progress, "num_train_steps": self.schedule.num_train_steps,
+                "documents": [{"name": d["name"], "sha256": d["sha256"]}
+                              for d in self.splits.documents]}
         state, carry = self.devices.logical(self.state, self.carry)
         self.store.save(self.step, {"train": state, "carry": carry}, meta, wait=wait)
+
+    def _totals(self) -> dict:
+        return run_totals(self.progress, self.clock, self.start_time, self.tokens_per_step)
 
     def _logical_params(self):
         return self.devices.logical(self.state, self.carry)[0].params

@@ -24,18 +24,32 @@ class NonFiniteError(UsageError):
 
 @dataclasses.dataclass
 class Progress:
-    """Sums since the last log (one entry per seed) and the best validation so far."""
+    """Sums since the last log (one entry per seed), the best validation so far, and the
+    training time of the processes before this one (a resumed run reports totals)."""
     loss_sum: list = dataclasses.field(default_factory=lambda: [0.0])
     tokens: list = dataclasses.field(default_factory=lambda: [0.0])
+    steps: list = dataclasses.field(default_factory=lambda: [0])  # in the window, per seed
+    skipped: list = dataclasses.field(default_factory=lambda: [0])  # of those, non-finite
     best_validation: float = math.inf
     best_step: int = -1
     skipped_updates: int = 0
     last_train: dict = dataclasses.field(default_factory=dict)
     last_validation: dict = dataclasses.field(default_factory=dict)
+    # Of the processes before this one, up to the checkpoint this one resumed from: training
+    # seconds and steps (each process's first call, its compilation, left out) and wall time.
+    earlier_train_s: float = 0.0
+    earlier_timed_steps: int = 0
+    earlier_wall_s: float = 0.0
+
+    def __post_init__(self):
+        seeds = len(self.loss_sum)
+        if len(self.steps) != seeds:  # restored from a checkpoint that predates these counts
+            self.steps, self.skipped = [0] * seeds, [0] * seeds
 
     @classmethod
     def fresh(cls, num_seeds: int) -> Progress:
-        return cls(loss_sum=[0.0] * num_seeds, tokens=[0.0] * num_seeds)
+        return cls(loss_sum=[0.0] * num_seeds, tokens=[0.0] * num_seeds, steps=[0] * num_seeds,
+                   skipped=[0] * num_seeds)
 
     def train_summaries(self) -> list[dict]:
         """Per-seed loss/perplexity/bits since the last log; the sums restart."""
@@ -43,8 +57,9 @@ class Progress:
         for loss_sum, tokens in zip(self.loss_sum, self.tokens, strict=True):
             summary = summarize(loss_sum, tokens)
             out.append(summary if tokens else dict.fromkeys(summary, math.nan))
-        self.loss_sum = [0.0] * len(self.loss_sum)
-        self.tokens = [0.0] * len(self.tokens)
+        seeds = len(self.loss_sum)
+        self.loss_sum, self.tokens = [0.0] * seeds, [0.0] * seeds
+        self.steps, self.skipped = [0] * seeds, [0] * seeds
         return out
 
 
@@ -57,16 +72,30 @@ def accumulate(progress: Progress, step: int, metrics: dict, nan_policy: str, st
     """Adds one step's metrics (per seed) to the running sums, after checking they are finite."""
     losses = np.atleast_1d(metrics["loss_sum"]).astype(float)
     tokens = np.atleast_1d(metrics["tokens"]).astype(float)
+    nonfinite = np.broadcast_to(np.atleast_1d(metrics.get("nonfinite", 0.0)), losses.shape)
     values = {"loss": float(losses.sum()), "grad_norm": float(np.max(metrics["grad_norm"]))}
     bad = [k for k, v in values.items() if not math.isfinite(v)]
     if bad and nan_policy != "skip":
         raise non_finite_error(step, bad, store)
-    if bad:  # apply_if_finite skips the update when a gradient is non-finite
-        logging.warning("step %d: non-finite %s", step, ", ".join(bad))
+    if bad:  # the update was skipped (apply_if_finite): the step logs, its loss does not count
+        logging.warning("step %d: non-finite %s; update skipped", step, ", ".join(bad))
     for k, (loss, count) in enumerate(zip(losses, tokens, strict=True)):
-        if math.isfinite(loss):  # a skipped step's NaN loss would poison the interval's mean
+        progress.steps[k] += 1
+        if nonfinite[k] or not math.isfinite(loss):
+            progress.skipped[k] += 1
+        else:  # a skipped step's loss would poison the window's mean
             progress.loss_sum[k] += loss
             progress.tokens[k] += count
+
+
+def check_not_all_skipped(progress: Progress, step: int, store) -> None:
+    """--nan_policy=skip: a window whose every update was skipped is a run that has stopped
+    learning; it stops as under --nan_policy=stop, naming the last good checkpoint."""
+    for seed, (steps, skipped) in enumerate(zip(progress.steps, progress.skipped, strict=True)):
+        if steps and skipped == steps:
+            which = f" of seed {seed}" if len(progress.steps) > 1 else ""
+            raise non_finite_error(step, [f"loss or gradient in every update{which} of steps "
+                                          f"{step - steps + 1}-{step} (all skipped)"], store)
 
 
 def train_records(progress: Progress, calls, *, log_every: int, last_step: int, nan_policy: str,
@@ -79,7 +108,14 @@ def train_records(progress: Progress, calls, *, log_every: int, last_step: int, 
             step, m = first + i + 1, per_step(metrics, i)
             accumulate(progress, step, m, nan_policy, store)
             if step % log_every == 0 or step == last_step:
-                records[step] = {**seed_record("train", progress.train_summaries()),
+                covered = [s - k for s, k in zip(progress.steps, progress.skipped, strict=True)]
+                if nan_policy == "skip":
+                    check_not_all_skipped(progress, step, store)
+                summaries = progress.train_summaries()
+                if nan_policy == "skip":  # how many steps the logged loss averages
+                    summaries = [{**d, "loss_steps": float(n)}
+                                 for d, n in zip(summaries, covered, strict=True)]
+                records[step] = {**seed_record("train", summaries),
                                  "train/grad_norm": float(np.mean(m["grad_norm"])),
                                  "train/learning_rate": float(lr_fn(step - 1)),
                                  "train/tokens_per_sec": rate}
@@ -101,13 +137,21 @@ def skipped_updates(opt_state) -> int:
     return int(np.asarray(jax.device_get(opt_state.total_notfinite)).ravel().max())
 
 
-def throughput(steps_run: int, train_time: float, first_call, tokens_per_step: int) -> float:
-    """Tokens per second of training, leaving out the first call (its compilation would
+def net_of_first_call(steps_run: int, train_time: float, first_call) -> tuple[int, float]:
+    """(steps, seconds) of training, leaving out the first call (its compilation would
     otherwise count as training time: on a GPU it can take longer than the whole run's
     steps); with nothing after the first call, the first call is all there is."""
+    if first_call is None:
+        return 0, 0.0
     seconds, steps = first_call
     if steps_run > steps and train_time > seconds:
-        steps_run, train_time = steps_run - steps, train_time - seconds
+        return steps_run - steps, train_time - seconds
+    return steps_run, train_time
+
+
+def throughput(steps_run: int, train_time: float, first_call, tokens_per_step: int) -> float:
+    """Tokens per second of training, the first call left out (net_of_first_call)."""
+    steps_run, train_time = net_of_first_call(steps_run, train_time, first_call)
     return steps_run * tokens_per_step / max(train_time, 1e-9)
 
 
@@ -136,8 +180,22 @@ class TrainingClock:
     def restart(self) -> None:
         self.interval_start = time.time()
 
-    def tokens_per_sec(self, tokens_per_step: int) -> float:
-        return throughput(self.timed_steps, self.train_time, self.first_call, tokens_per_step)
+    def net(self) -> tuple[int, float]:
+        """(steps, seconds) this process trained, its first call left out."""
+        return net_of_first_call(self.timed_steps, self.train_time, self.first_call)
+
+
+def run_totals(progress: Progress, clock: TrainingClock, start_time: float,
+               tokens_per_step: int) -> dict:
+    """wall_time_s and tokens_per_sec over every process of the run so far (each process up to
+    its last checkpoint, this one up to now), and the same sums to save in a checkpoint."""
+    steps, seconds = clock.net()
+    steps, seconds = steps + progress.earlier_timed_steps, seconds + progress.earlier_train_s
+    wall = progress.earlier_wall_s + time.time() - start_time
+    return {"wall_time_s": wall,
+            "tokens_per_sec": steps * tokens_per_step / seconds if seconds > 0 else 0.0,
+            "saved": {"earlier_train_s": seconds, "earlier_timed_steps": steps,
+                      "earlier_wall_s": wall}}
 
 
 def all_finite(tree) -> bool:

@@ -8,6 +8,7 @@ one for generation and evaluation from the flags its checkpoint saved.
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -104,17 +105,68 @@ class Schedule:
         return cls(num_train_steps, eval_every, sample_every, checkpoint_every)
 
 
-def check_resumable(config: RunConfig, workdir: str, store, resume_step: int | None):
-    """The vocabulary of the newest complete checkpoint (None without one), after checking that
-    it was made with the same model and data flags."""
-    if resume_step is None:
-        return None
-    saved_meta = store.read_meta(resume_step)
-    differ = model_flag_differences(saved_meta["flags"], config)
-    if differ:
-        raise UsageError(f"{workdir} holds a checkpoint made with other flags: "
-                         f"{'; '.join(differ)}; use another --workdir or the same flags")
-    return vocab.Vocab.from_json(saved_meta["vocab"])
+def abstract_training_state(config: RunConfig, model_config: ModelConfig):
+    """The shapes, dtypes and placement of a fresh state and carry, allocating nothing: what a
+    checkpoint is restored into, and what the memory check sizes."""
+    state, carry = jax.eval_shape(lambda: initial_training_state(config, model_config, 1)[3:])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                        (state, carry))
+
+
+def resume_target(config: RunConfig, workdir: str):
+    """target_for(meta) for RunCheckpoints.restore_newest: refuses a checkpoint made with other
+    model or data flags, and gives the structure it was saved in (its own --nan_policy's)."""
+    def target_for(meta: dict):
+        differ = model_flag_differences(meta["flags"], config)
+        if differ:
+            raise UsageError(f"{workdir} holds a checkpoint made with other flags: "
+                             f"{'; '.join(differ)}; use another --workdir or the same flags")
+        saved = dataclasses.replace(config, nan_policy=saved_nan_policy(meta, config))
+        vocab_size = vocab.Vocab.from_json(meta["vocab"]).size
+        state, carry = abstract_training_state(saved, model_config_for(saved, vocab_size))
+        return {"train": state, "carry": carry}
+    return target_for
+
+
+def saved_nan_policy(meta: dict, config: RunConfig) -> str:
+    return meta["flags"].get("nan_policy", config.nan_policy)
+
+
+def adopt_nan_policy(restored: TrainState, fresh: TrainState, saved: str,
+                     policy: str) -> TrainState:
+    """The restored state with its optimizer state in this run's --nan_policy form: `skip`
+    wraps SGD's or Adam's state in optax.apply_if_finite's (counts from zero), `stop` unwraps
+    it; so a run stopped by a non-finite loss resumes under --nan_policy=skip, as its error
+    advises. `fresh` gives the wrapper's structure."""
+    if saved == policy:
+        return restored
+    if policy == "skip":
+        return restored.replace(opt_state=fresh.opt_state._replace(
+            inner_state=restored.opt_state))
+    return restored.replace(opt_state=restored.opt_state.inner_state)
+
+
+def check_same_text(meta: dict, splits: vocab.Splits) -> None:
+    """Refuses a resume whose documents changed since the checkpoint (new content under the
+    same file: path or mirror name): the run would go on training on another text."""
+    saved = {d["name"]: d["sha256"] for d in meta.get("documents", ())}
+    for document in splits.documents:
+        before = saved.get(document["name"])
+        if before is not None and before != document["sha256"]:
+            raise UsageError(f"{document['name']} changed since the checkpoint (sha256 "
+                             f"{before[:12]}..., now {document['sha256'][:12]}...): the run "
+                             "trained on other text; restore that file or use another "
+                             "--workdir")
+
+
+def warn_if_eval_batch_changed(meta: dict, config: RunConfig) -> None:
+    before = meta["flags"].get("eval_batch_size", config.eval_batch_size)
+    if before != config.eval_batch_size:
+        logging.warning("--eval_batch_size is %d, the checkpoint's %d: validation from here on "
+                        "reads %d streams, so its scores (and which step is best) compare "
+                        "across the change only roughly", config.eval_batch_size, before,
+                        config.eval_batch_size)
 
 
 def check_held_out(config: RunConfig, splits: vocab.Splits) -> None:
@@ -122,7 +174,8 @@ def check_held_out(config: RunConfig, splits: vocab.Splits) -> None:
     for name in ("validation", "test"):
         size = getattr(splits, name).size
         if 0 < size < 2 * config.eval_batch_size:
+            lower = "lower --eval_batch_size or " if config.eval_batch_size > 1 else ""
             raise UsageError(f"the {name} split has {size} tokens, too few for "
                              f"--eval_batch_size={config.eval_batch_size} (needs "
-                             f"{2 * config.eval_batch_size}); lower --eval_batch_size or give "
-                             "the split a larger fraction with --split")
+                             f"{2 * config.eval_batch_size}); {lower}give the split a larger "
+                             "fraction with --split")

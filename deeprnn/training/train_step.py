@@ -62,11 +62,20 @@ def train_step(state: TrainState, x, y, carry, reset, *, apply_fn: Callable,
         grads = jax.lax.pmean(grads, axis_name)
         loss_sum = jax.lax.psum(loss_sum, axis_name)
         tokens = jax.lax.psum(tokens, axis_name)
+    # A non-finite loss can come with finite gradients (huge parameters whose logits overflow):
+    # the update is then poisoned too, so that optax.apply_if_finite (--nan_policy=skip) skips
+    # it; under --nan_policy=stop the host stops the run at this step's loss anyway.
+    grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(loss_sum), g, jnp.nan), grads)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-    metrics = {"loss_sum": loss_sum, "tokens": tokens, "grad_norm": grad_norm}
+    # `nonfinite` is 1 for a step whose loss or gradient was not finite (the loss poisons the
+    # gradient above): the update that --nan_policy=skip drops.
+    grads_finite = jnp.all(jnp.asarray([jnp.isfinite(g).all() for g in jax.tree.leaves(grads)]))
+    nonfinite = 1.0 - grads_finite.astype(jnp.float32)  # what apply_if_finite tests
+    metrics = {"loss_sum": loss_sum, "tokens": tokens, "grad_norm": grad_norm,
+               "nonfinite": nonfinite}
     return state, jax.lax.stop_gradient(new_carry), metrics
 
 
@@ -84,8 +93,9 @@ def eval_step(params, x, y, mask, carry, *, apply_fn: Callable, axis_name: str |
 def summarize(loss_sum: float, tokens: float) -> dict[str, float]:
     """Loss, perplexity and bits per character from summed metrics."""
     loss = loss_sum / max(tokens, 1.0)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
-            "bits_per_char": loss / math.log(2.0)}
+    # exp overflows a float past a loss of ~709.78: inf then, not an error and not 1e304.
+    perplexity = math.exp(loss) if loss < 709.0 else (math.inf if loss > 0 else math.nan)
+    return {"loss": loss, "perplexity": perplexity, "bits_per_char": loss / math.log(2.0)}
 
 
 def train_steps(state: TrainState, xs, ys, carry, resets, *, apply_fn: Callable,

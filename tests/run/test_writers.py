@@ -166,8 +166,8 @@ def test_missing_or_corrupt_files_are_clear_errors(tmp_path):
     assert read_metrics(str(tmp_path)) == []
     with pytest.raises(UsageError, match="summary.json does not exist"):
         read_summary(str(tmp_path))
-    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "trai\n')
-    with pytest.raises(UsageError, match="metrics.jsonl line 2 is not JSON"):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "trai\n{"step": 3}\n')
+    with pytest.raises(UsageError, match="metrics.jsonl line 2 of 3 is not JSON"):
         read_metrics(str(tmp_path))
 
 

@@ -52,6 +52,7 @@ def unigram_perplexity(train: str, held_out: str) -> float:
 
 def test_end_to_end_beats_unigram_and_writes_logs(finished_run, text_file):
     workdir, summary = finished_run
+    assert not (workdir / "deeprnn.lock").exists()  # a clean finish leaves no lock
     text = " ".join(text_file.read_text().replace(".", " ").split())
     n = len(text)
     unigram = unigram_perplexity(text[: int(0.9 * n)], text[int(0.9 * n): int(0.95 * n)])
@@ -269,6 +270,19 @@ def test_evaluate_command_scores_other_text(finished_run, tmp_path):
     result = json.loads(out.stdout)
     assert result["unk_rate"] > 0 and math.isfinite(result["perplexity"])
     assert not INFO_LOG_LINE.search(out.stderr), out.stderr[:300]
+    assert "warning" not in out.stderr  # a few unknown letters: the score still means much
+    # A text of letters the run never saw is mostly <unk>: the score means little, and stderr
+    # says so (a run on --preprocess=raw meets this with a text in another script).
+    other.write_text("zzqqj xxjjz " * 40)
+    out = subprocess.run([sys.executable, "-m", "deeprnn.evaluate", f"--workdir={workdir}",
+                          f"--corpus=file:{other}", "--split=all", "--eval_batch_size=3"],
+                         capture_output=True, text=True, check=True, cwd=REPO)
+    assert json.loads(out.stdout)["unk_rate"] > 0.5
+    assert "warning: " in out.stderr and "vocabulary lacks (<unk>)" in out.stderr
+    done = subprocess.run([sys.executable, "-m", "deeprnn.evaluate", f"--workdir={workdir}",
+                           f"--corpus=file:{other}", "--split=test", "--eval_batch_size=0"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 2 and "--eval_batch_size must be at least 1" in done.stderr
 
 
 def test_another_corpus_is_scored_whole_not_cut_to_the_runs_max_tokens():
