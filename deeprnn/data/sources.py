@@ -3,8 +3,9 @@
 A spec lists documents, comma-separated: a name below, `gutenberg:<id>`, or `file:<path>`.
 Each one is read, in order of preference, from
   1. the mirror: `<data_dir>/<name>.txt` (`--data_dir` or $DEEPRNN_DATA_DIR), only ever read;
-  2. the TFDS dataset `deeprnn_text/<name>` prepared earlier under `--tfds_data_dir`;
-  3. a download from the canonical source, checksum-verified where pinned, cached under
+  2. the copy shipped in the package (The Time Machine only: deeprnn/data/texts/);
+  3. the TFDS dataset `deeprnn_text/<name>` prepared earlier under `--tfds_data_dir`;
+  4. a download from the canonical source, checksum-verified where pinned, cached under
      `<tfds_data_dir>/downloads/deeprnn/` (never repeated) and prepared as that dataset.
 On a multi-host run only process 0 downloads and prepares; the others wait for its dataset.
 `python -m deeprnn.corpora` prints what a spec loads to.
@@ -13,6 +14,7 @@ On a multi-host run only process 0 downloads and prepares; the others wait for i
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import os
 import re
 import urllib.request
@@ -48,6 +50,10 @@ class Source:
     # Gutenberg sources are not pinned: their sha256 is recorded, not checked.
     sha256: str | None = None
     sha1: str | None = None
+    # A copy shipped inside the package (deeprnn/data/texts/), read when no mirror has the
+    # text, so that the book's recipe runs on a fresh machine without network. Only The Time
+    # Machine ships (public domain, 179 KB, pinned above): the main command needs it.
+    packaged: str | None = None
 
     @property
     def file_stem(self) -> str:  # mirror file name, cache file name, TFDS config name
@@ -62,7 +68,7 @@ NAMED_SOURCES = {s.name: s for s in (
     Source("time_machine", "http://d2l-data.s3-accelerate.amazonaws.com/timemachine.txt",
            "H. G. Wells", "The Time Machine",
            sha256="8424dbd9532ac81f7e5f0b6add90e6952baea29158309d7d1bf3884f4e12c516",
-           sha1="090b5e7e70c295757f55df93cb0a180b9691891a"),
+           sha1="090b5e7e70c295757f55df93cb0a180b9691891a", packaged="time_machine.txt"),
     Source("tiny_shakespeare", "https://raw.githubusercontent.com/karpathy/char-rnn/master/"
            "data/tinyshakespeare/input.txt", "William Shakespeare", "Tiny Shakespeare",
            sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"),
@@ -245,6 +251,9 @@ def load_documents(spec: str, data_dir: str | None = None, tfds_data_dir: str | 
             documents.append(document_from_bytes(source.name, data, source.author, source.title,
                                                  str(mirrored)))
             continue
+        if source.packaged:
+            documents.append(packaged_document(source))
+            continue
         if process_index is None:
             import jax  # deferred: reading the mirror must not start a JAX backend
 
@@ -252,6 +261,14 @@ def load_documents(spec: str, data_dir: str | None = None, tfds_data_dir: str | 
         documents.append(_load_through_tfds(source, mirror, tfds_data_dir, fetch or fetch_url,
                                             process_index, wait_timeout_s))
     return documents
+
+
+def packaged_document(source: Source) -> Document:
+    """The copy of `source` that ships inside the package, checked against its pins."""
+    data = (importlib.resources.files("deeprnn.data") / "texts" / source.packaged).read_bytes()
+    where = f"the packaged copy deeprnn/data/texts/{source.packaged}"
+    verify_checksums(source, data, where, "reinstall deeprnn, or give a mirror with --data_dir")
+    return document_from_bytes(source.name, data, source.author, source.title, where)
 
 
 def describe(spec: str, splits, documents: list[Document], preprocess_rule: str) -> dict:

@@ -1,4 +1,5 @@
-"""The console progress line of a training run (process 0 only)."""
+"""What a training run shows on the console (process 0 only): the progress line, and the line
+that ends the run."""
 
 from __future__ import annotations
 
@@ -121,3 +122,26 @@ class ProgressLine:
         else:
             self.stream.write(line + "\n")
         self.stream.flush()
+
+
+def final_line(final: dict, train_perplexity: float, tokens_per_sec: float, device) -> str:
+    """The held-out scores where the run has a split (what it is judged by), with training
+    perplexity beside them; without one, the book's line: `perplexity 1.0, 61234.5 tokens/sec
+    on cpu:0 (cpu)`."""
+    where = f"{device.platform}:{device.id} ({device.device_kind})"
+    speed = f"{tokens_per_sec:.1f} tokens/sec on {where}"
+    scores = [f"{split} perplexity {_stat(final, split, 'perplexity', 2)}, "
+              f"{_stat(final, split, 'bits_per_char', 3)} bits/char"
+              for split in ("validation", "test") if f"{split}/perplexity" in final]
+    if not scores:
+        return f"perplexity {train_perplexity:.1f}, {speed}"
+    if "test/checkpoint_step" in final:
+        scores[-1] += f" (best-validation step {final['test/checkpoint_step']})"
+    return f"{'; '.join(scores)}; training perplexity {train_perplexity:.2f}; {speed}"
+
+
+def _stat(record: dict, split: str, metric: str, digits: int) -> str:
+    """`4.67`, or `4.67 ± 0.05` over seeds (--num_seeds)."""
+    value, spread = record[f"{split}/{metric}"], record.get(f"{split}/{metric}_std")
+    return f"{value:.{digits}f}" + (f" ± {spread:.{digits}f}" if spread is not None else "")
+

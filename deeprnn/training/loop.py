@@ -32,7 +32,7 @@ from deeprnn.data import vocab
 from deeprnn.model.generation import generate
 from deeprnn.model.stack import init_carry
 from deeprnn.run.checkpoints import RunCheckpoints, save_best
-from deeprnn.run.console import ProgressLine
+from deeprnn.run.console import ProgressLine, final_line
 from deeprnn.run.lifecycle import (
     Preempted,
     RunFailed,
@@ -204,8 +204,9 @@ class Trainer:
         self.meta_info = run_metadata(cfg, self.model_config, self._local_params(), self.splits,
                                       self.schedule.num_train_steps)
         self.writer.hparams({k: v for k, v in dataclasses.asdict(cfg).items() if v is not None},
-                            ["validation/perplexity", "validation/bits_per_char",
-                             "test/perplexity"])
+                            ["train/perplexity", "validation/perplexity",
+                             "validation/bits_per_char", "test/perplexity",
+                             "test/bits_per_char"])
         self.run_steps = self.devices.compile_train(
             functools.partial(train_steps, apply_fn=self.model.apply, tx=self.tx),
             self.samplers[0].ids, cfg.num_steps)
@@ -334,7 +335,7 @@ class Trainer:
         summary = run_summary(self.meta_info, self.progress, final, per_seed)
         if self.is_main:
             write_summary(self.workdir, summary)
-            self._print_book_lines()
+            self._print_final_lines(final)
         self.writer.close()
         return summary
 
@@ -383,11 +384,10 @@ class Trainer:
         """This process's own copy (seed 0's): generation runs on process 0 alone."""
         return self.devices.on_one_device(self._logical_params())
 
-    def _print_book_lines(self) -> None:
-        device = jax.devices()[0]
+    def _print_final_lines(self, final: dict) -> None:
+        """The scores the run is judged by (console.final_line), then the book's samples."""
         ppl = self.progress.last_train.get("train/perplexity", float("nan"))
-        print(f"perplexity {ppl:.1f}, {self.meta_info['tokens_per_sec']:.1f} tokens/sec on "
-              f"{device.platform}:{device.id} ({device.device_kind})")
+        print(final_line(final, ppl, self.meta_info["tokens_per_sec"], jax.devices()[0]))
         params = self._local_params()
         for prefix in ("time traveller", "traveller"):
             ids = self.splits.vocab.encode(vocab.preprocess(prefix, self.config.preprocess))

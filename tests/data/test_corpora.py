@@ -237,3 +237,23 @@ def test_corpora_command_line():
     assert summary["sha256"]["time_machine"] == corpora.NAMED_SOURCES["time_machine"].sha256
     assert summary["authors"] == ["H. G. Wells"] and summary["titles"] == ["The Time Machine"]
     assert sum(summary["characters_per_split"].values()) == 173_428
+
+
+def test_the_time_machine_ships_with_the_package_and_needs_no_network(tmp_path, monkeypatch):
+    """No mirror, no TFDS dataset, no network: the book's text still loads, verified."""
+    monkeypatch.delenv(corpora.DATA_DIR_ENV, raising=False)
+
+    def no_network(url):
+        raise AssertionError(f"tried to download {url}")
+
+    (document,) = corpora.load_documents("time_machine", tfds_data_dir=str(tmp_path),
+                                         fetch=no_network, process_index=0)
+    assert document.sha256 == corpora.NAMED_SOURCES["time_machine"].sha256
+    assert document.text.startswith("The Time Machine, by H. G. Wells")
+    assert list(tmp_path.iterdir()) == []  # nothing downloaded or prepared
+    # A packaged copy that does not match its pin is refused, naming the file and the fix.
+    damaged = corpora.Source("time_machine", "http://x", "a", "t", sha256="0" * 64,
+                             packaged="time_machine.txt")
+    with pytest.raises(UsageError, match=r"packaged copy deeprnn/data/texts/time_machine.txt: "
+                                         r"sha256 .*reinstall deeprnn"):
+        corpora.packaged_document(damaged)

@@ -355,3 +355,24 @@ def test_duration_and_count_formats():
         "25h01m",
     ]
     assert [format_count(v) for v in (950, 41234, 3.5e6, 2e9)] == ["950", "41.2k", "3.5M", "2.0G"]
+
+
+def test_the_last_console_line_gives_held_out_scores_or_the_books_line():
+    from types import SimpleNamespace
+
+    from deeprnn.run.console import final_line
+
+    cpu = SimpleNamespace(platform="cpu", id=0, device_kind="cpu")
+    assert final_line({}, 1.0234, 61234.56, cpu) == \
+        "perplexity 1.0, 61234.6 tokens/sec on cpu:0 (cpu)"
+    held_out = {"validation/perplexity": 4.671, "validation/bits_per_char": 2.2235,
+                "test/perplexity": 4.82, "test/bits_per_char": 2.269,
+                "test/checkpoint_step": 2502}
+    assert final_line(held_out, 3.9, 1000.0, cpu) == (
+        "validation perplexity 4.67, 2.224 bits/char; test perplexity 4.82, 2.269 bits/char "
+        "(best-validation step 2502); training perplexity 3.90; 1000.0 tokens/sec on cpu:0 "
+        "(cpu)")
+    seeds = {"test/perplexity": 4.8, "test/perplexity_std": 0.05, "test/bits_per_char": 2.26,
+             "test/bits_per_char_std": 0.012}
+    assert final_line(seeds, 3.9, 1.0, cpu).startswith(
+        "test perplexity 4.80 ± 0.05, 2.260 ± 0.012 bits/char; training perplexity")
