@@ -1,7 +1,11 @@
 """`python -m deeprnn.report --sweep_dir=DIR [--out=DIR]`: a sweep's table and plots.
 
-Writes report.md and PNG plots to --out (default: DIR) and prints the Markdown; see
-deeprnn.run.sweep_results for what is read and how runs are grouped.
+Writes report.md and PNG plots to --out (default: DIR) and prints the Markdown: a table of the
+final scores (mean ± spread over seeds, the best bold, differences the spread does not support
+marked ≈); training_perplexity.png always, validation_perplexity.png when the runs have a
+validation split, perplexity_vs_depth.png when --num_layers varies, perplexity_per_corpus.png
+when the training corpus varies. deeprnn.run.sweep_results says what is read and how runs are
+grouped.
 """
 
 from __future__ import annotations

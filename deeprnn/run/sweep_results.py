@@ -2,9 +2,12 @@
 
 Reads every run folder under DIR (a folder holding summary.json; metrics.jsonl and the
 launcher's eval/*.json beside it) and writes report.md and PNG plots to --out (default: DIR),
-and prints the Markdown. Runs that differ only in --seed (and bookkeeping flags such as
---workdir) share one table row: mean ± sample standard deviation over them, or over the
-`seeds` of one run trained with --num_seeds. Local folders and gs:// URLs both work.
+and prints the Markdown. The plots: training_perplexity.png always; validation_perplexity.png
+when runs have a validation split; perplexity_vs_depth.png when --num_layers varies;
+perplexity_per_corpus.png when the training corpus varies. Runs that differ only in --seed
+(and bookkeeping flags such as --workdir) share one table row: mean ± sample standard
+deviation over them, or over the `seeds` of one run trained with --num_seeds. Local folders and
+gs:// URLs both work.
 """
 
 from __future__ import annotations
@@ -30,8 +33,15 @@ BOOKKEEPING_FLAGS = frozenset({
     "checkpoint_every", "max_to_keep", "profile_steps", "sample_prefix", "sample_length",
     "num_seeds",
 })
-FINAL_METRICS = ("validation/perplexity", "validation/bits_per_char",
+FINAL_METRICS = ("train/perplexity", "validation/perplexity", "validation/bits_per_char",
                  "test/perplexity", "test/bits_per_char")
+TABLE_COLUMNS = (("train/perplexity", "train ppl", 2), ("validation/perplexity", "val ppl", 2),
+                 ("validation/bits_per_char", "val bpc", 3), ("test/perplexity", "test ppl", 2),
+                 ("test/bits_per_char", "test bpc", 3))
+SPREAD_NOTE = ("**Bold**: the lowest mean of its column. ≈: not told apart from the bold value "
+               "by the spread: the two means differ by no more than the sum of their sample "
+               "standard deviations, or one of them has a single seed; the table does not "
+               "support a difference there.")
 
 
 @dataclass
@@ -46,9 +56,17 @@ class RunResult:
         return self.summary.get("flags", {})
 
     def final_per_seed(self) -> list[dict]:
-        """One dict of final metrics per independently seeded model this run trained."""
+        """One dict of final metrics per independently seeded model this run trained, with
+        its last logged training perplexity (the only score of a run without a held-out
+        split, such as the book's recipe)."""
         seeds = self.summary.get("seeds") or []
-        return list(seeds) if seeds else [self.summary.get("final") or {}]
+        per_seed = [dict(s) for s in seeds] if seeds else [dict(self.summary.get("final") or {})]
+        last = self.summary.get("last") or {}
+        for k, scores in enumerate(per_seed):
+            tag = "train/perplexity" if len(per_seed) == 1 else f"seed_{k}/train/perplexity"
+            if isinstance(last.get(tag), (int, float)):
+                scores["train/perplexity"] = last[tag]
+        return per_seed
 
 
 @dataclass
@@ -126,6 +144,31 @@ def _format_stat(stat, digits: int) -> str:
     return f"{mean:.{digits}f}" if count == 1 else f"{mean:.{digits}f} ± {spread:.{digits}f}"
 
 
+def distinguishable(a: tuple | None, b: tuple | None) -> bool:
+    """Whether two (mean, spread, count) stats differ by more than their spread: both from 2
+    or more seeds, and the means further apart than the sum of the standard deviations."""
+    if a is None or b is None or a[2] < 2 or b[2] < 2:
+        return False
+    return abs(a[0] - b[0]) > a[1] + b[1]
+
+
+def marked_column(groups: list[Group], metric: str, digits: int) -> list[str]:
+    """The column's cells: the lowest mean bold, the means the spread cannot tell from it
+    marked ≈ (SPREAD_NOTE)."""
+    stats = [mean_and_spread(g.values(metric)) for g in groups]
+    present = [s for s in stats if s]
+    best = min(present, key=lambda s: s[0]) if len(present) > 1 else None
+    cells = []
+    for stat in stats:
+        cell = _format_stat(stat, digits)
+        if best is not None and stat is best:
+            cell = f"**{cell}**"
+        elif best is not None and stat is not None and not distinguishable(stat, best):
+            cell += " ≈"
+        cells.append(cell)
+    return cells
+
+
 def _format_duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -141,22 +184,21 @@ def _evaluation_corpora(groups: list[Group]) -> list[str]:
 
 def markdown_table(groups: list[Group]) -> str:
     others = _evaluation_corpora(groups)
-    header = ["run", "cell", "layers", "hiddens", "corpus", "seeds", "val ppl", "val bpc",
-              "test ppl", "test bpc", *[f"{c} ppl" for c in others], "tokens/s", "wall time",
-              "params"]
+    columns = [(metric, label, digits) for metric, label, digits in TABLE_COLUMNS
+               if any(g.values(metric) for g in groups)]  # a column of dashes says nothing
+    header = ["run", "cell", "layers", "hiddens", "corpus", "seeds",
+              *[label for _, label, _ in columns], *[f"{c} ppl" for c in others], "tokens/s",
+              "wall time", "params"]
+    cells = [marked_column(groups, metric, digits) for metric, _, digits in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for g in groups:
+    for index, g in enumerate(groups):
         f = g.flags
-        stats = {m: mean_and_spread(g.values(m)) for m in FINAL_METRICS}
-        count = max((s[2] for s in stats.values() if s), default=len(g.runs))
+        stats = [mean_and_spread(g.values(m)) for m in FINAL_METRICS]
+        count = max((s[2] for s in stats if s), default=len(g.runs))
         tokens = g.mean("tokens_per_sec")
         params = g.runs[0].summary.get("num_params")
         row = [g.name, f.get("cell", "-"), f.get("num_layers", "-"), f.get("num_hiddens", "-"),
-               f.get("corpus", "-"), count,
-               _format_stat(stats["validation/perplexity"], 2),
-               _format_stat(stats["validation/bits_per_char"], 3),
-               _format_stat(stats["test/perplexity"], 2),
-               _format_stat(stats["test/bits_per_char"], 3),
+               f.get("corpus", "-"), count, *[column[index] for column in cells],
                *[_format_stat(mean_and_spread(g.evaluation_values(c, "perplexity")), 2)
                  for c in others],
                f"{tokens:,.0f}" if tokens is not None else "-",
@@ -174,23 +216,30 @@ def _figure_bytes(fig) -> bytes:
 
 
 def _headline_metric(group: Group) -> tuple[str, tuple | None]:
-    """Test perplexity where the runs have it, else validation (a run without a test split)."""
-    for metric in ("test/perplexity", "validation/perplexity"):
+    """Test perplexity where the runs have it, else validation, else training (a run without
+    a held-out split)."""
+    for metric in ("test/perplexity", "validation/perplexity", "train/perplexity"):
         stat = mean_and_spread(group.values(metric))
         if stat:
             return metric, stat
     return "test/perplexity", None
 
 
-def plot_validation_curves(plt, runs: list[RunResult]):
+def has_curve(runs: list[RunResult], tag: str) -> bool:
+    return any(tag in m for run in runs for m in run.metrics)
+
+
+def plot_curves(plt, runs: list[RunResult], tag: str = "validation/perplexity"):
+    """One line per run: the logged `tag` against the step."""
     fig, ax = plt.subplots(figsize=(8, 5))
     for run in runs:
-        points = [(m["step"], m["validation/perplexity"]) for m in run.metrics
-                  if "validation/perplexity" in m and "step" in m]
+        points = [(m["step"], m[tag]) for m in run.metrics if tag in m and "step" in m]
         if points:
-            ax.plot(*zip(*points, strict=True), marker=".", label=run.name)
-    ax.set(xlabel="training step", ylabel="validation perplexity",
-           title="Validation perplexity during training")
+            ax.plot(*zip(*points, strict=True), marker="." if len(points) < 60 else None,
+                    label=run.name)
+    split = tag.split("/")[0]
+    ax.set(xlabel="training step", ylabel=f"{split} perplexity",
+           title=f"{split.capitalize()} perplexity during training")
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -267,8 +316,11 @@ def write_report(sweep_dir: str, out_dir: str | None = None) -> str:
     groups = group_by_seed(runs)
     out = epath.Path(out_dir or sweep_dir)
     out.mkdir(parents=True, exist_ok=True)
-    figures = {"validation_perplexity.png": ("Validation perplexity against step",
-                                             plot_validation_curves(plt, runs))}
+    figures = {"training_perplexity.png": ("Training perplexity against step",
+                                           plot_curves(plt, runs, "train/perplexity"))}
+    if has_curve(runs, "validation/perplexity"):
+        figures["validation_perplexity.png"] = ("Validation perplexity against step",
+                                                plot_curves(plt, runs))
     if len({g.flags.get("num_layers") for g in groups}) > 1:
         figures["perplexity_vs_depth.png"] = ("Perplexity against depth per cell type",
                                               plot_depth(plt, groups))
@@ -279,11 +331,12 @@ def write_report(sweep_dir: str, out_dir: str | None = None) -> str:
         plt.close(fig)
     seeds_note = ("Values are mean ± sample standard deviation over seeds where a row has "
                   "more than one. Perplexity (ppl) and bits per character (bpc) are final: "
-                  "validation at the last step, test on the best-validation checkpoint.")
+                  "training over the last logging window, validation at the last step, test "
+                  "on the best-validation checkpoint.")
     text = "\n\n".join([
         f"# Sweep report: {sweep_dir}",
         f"{len(runs)} runs in {len(groups)} groups. {seeds_note}",
-        markdown_table(groups),
+        markdown_table(groups), SPREAD_NOTE,
         *[f"![{title}]({name})" for name, (title, _) in figures.items()],
     ]) + "\n"
     (out / "report.md").write_text(text)

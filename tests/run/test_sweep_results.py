@@ -16,16 +16,18 @@ BASE_FLAGS = {"corpus": "time_machine", "num_hiddens": 32, "lr": 2.0, "num_train
 
 
 def write_run(sweep_dir, name, flags, final, *, seeds=None, tokens_per_sec=1000.0,
-              wall_time_s=60.0, num_params=12345, evaluations=(), curve=(9.0, 7.0)):
+              wall_time_s=60.0, num_params=12345, evaluations=(), curve=(9.0, 7.0),
+              last=None):
     workdir = sweep_dir / name
     workdir.mkdir(parents=True)
     summary = {"flags": {**BASE_FLAGS, **flags, "workdir": str(workdir)},
                "num_params": num_params, "steps_done": 100, "wall_time_s": wall_time_s,
-               "tokens_per_sec": tokens_per_sec, "final": final, "finished": True}
+               "tokens_per_sec": tokens_per_sec, "final": final, "finished": True,
+               "last": last or {}}
     if seeds:
         summary["seeds"] = seeds
     (workdir / "summary.json").write_text(json.dumps(summary))
-    records = [{"step": 10, "train/loss": 2.5}]
+    records = [{"step": 10, "train/loss": 2.5, "train/perplexity": 12.2}]
     records += [{"step": 50 * (i + 1), "validation/perplexity": v} for i, v in enumerate(curve)]
     (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     for evaluation in evaluations:
@@ -87,16 +89,21 @@ def test_report_table_and_plots(sweep_dir, tmp_path):
     lstm_l1 = rows["lstm_l1"]
     assert lstm_l1["cell"] == "lstm" and lstm_l1["layers"] == "1" and lstm_l1["seeds"] == "2"
     assert lstm_l1["corpus"] == "time_machine" and lstm_l1["hiddens"] == "32"
-    assert lstm_l1["test ppl"] == "5.50 ± 0.71"
-    assert lstm_l1["test bpc"] == "2.100 ± 0.141"  # 2.0 and 2.2
-    assert lstm_l1["val ppl"] == "6.00 ± 0.71"
+    # Marks (hand-checked): lstm_l2's 5.00 ± 1.00 is the lowest; lstm_l1 is within the two
+    # spreads of it (0.5 <= 0.71 + 1.00); gru_l1 is not (2.5 > 1.71); gru_l2 has one seed.
+    assert lstm_l1["test ppl"] == "5.50 ± 0.71 ≈"
+    assert rows["gru_l1"]["test ppl"] == "7.50 ± 0.71"
+    assert lstm_l1["test bpc"] == "2.100 ± 0.141 ≈"  # 2.0 and 2.2
+    assert lstm_l1["val ppl"] == "6.00 ± 0.71 ≈"
     assert lstm_l1["war_and_peace ppl"] == "10.00 ± 1.41"  # 9 and 11
     assert lstm_l1["tokens/s"] == "2,000" and lstm_l1["wall time"] == "1m 10s"
-    assert rows["lstm_l2"]["test ppl"] == "5.00 ± 1.00" and rows["lstm_l2"]["seeds"] == "3"
+    assert rows["lstm_l2"]["test ppl"] == "**5.00 ± 1.00**" and rows["lstm_l2"]["seeds"] == "3"
     assert rows["lstm_l2"]["params"] == "54,321"
-    assert rows["gru_l2"]["test ppl"] == "6.50" and rows["gru_l2"]["val ppl"] == "6.75"
+    assert rows["gru_l2"]["test ppl"] == "6.50 ≈" and rows["gru_l2"]["val ppl"] == "6.75 ≈"
+    assert "train ppl" not in rows["gru_l2"]  # no run logged one: no column of dashes
     assert rows["gru_l2"]["war_and_peace ppl"] == "-"
-    for name in ("validation_perplexity.png", "perplexity_vs_depth.png"):
+    for name in ("training_perplexity.png", "validation_perplexity.png",
+                 "perplexity_vs_depth.png"):
         data = (out / name).read_bytes()
         assert data.startswith(PNG_MAGIC)
         height, width, _ = matplotlib.image.imread(out / name).shape
@@ -135,3 +142,29 @@ def test_report_command_line_prints_the_markdown_and_rejects_a_missing_folder(
     empty.mkdir()
     with pytest.raises(UsageError, match="no summary.json"):
         report.load_runs(str(empty))
+
+
+def test_runs_without_a_held_out_split_are_reported_by_training_perplexity(tmp_path):
+    """The book's recipe has no validation or test split: training perplexity is its score,
+    per seed of a --num_seeds run, and no validation plot is drawn."""
+    root = tmp_path / "recipe"
+    write_run(root, "d2l_lstm", {"cell": "lstm", "num_layers": 2, "split": "1,0,0"}, {},
+              seeds=[{}, {}, {}], curve=(),
+              last={"train/perplexity": 1.03, **{f"seed_{k}/train/perplexity": v
+                                                  for k, v in enumerate((1.02, 1.03, 1.04))}})
+    write_run(root, "d2l_gru", {"cell": "gru", "num_layers": 2, "split": "1,0,0"}, {},
+              curve=(), last={"train/perplexity": 1.5})
+    markdown = report.write_report(str(root))
+    rows = table_rows(markdown)
+    assert rows["d2l_lstm"]["train ppl"] == "**1.03 ± 0.01**"
+    assert rows["d2l_gru"]["train ppl"] == "1.50 ≈"  # one seed: no spread to support it
+    assert "val ppl" not in rows["d2l_lstm"] and rows["d2l_lstm"]["seeds"] == "3"
+    assert (root / "training_perplexity.png").read_bytes().startswith(PNG_MAGIC)
+    assert not (root / "validation_perplexity.png").exists()
+
+
+def test_distinguishable_needs_two_seeds_a_side_and_a_gap_wider_than_the_spreads():
+    assert report.distinguishable((5.0, 0.1, 3), (6.0, 0.2, 3))
+    assert not report.distinguishable((5.0, 0.5, 3), (6.0, 0.6, 3))
+    assert not report.distinguishable((5.0, 0.0, 1), (9.0, 0.1, 3))
+
