@@ -1,7 +1,7 @@
 """Run a sweep on Cloud TPU VMs: one TPU per run, workdirs on GCS, Spot preemptions re-queued.
 
     python -m launch.tpu COMMAND --sweep=depth_cell --bucket=gs://BUCKET --project=P \
-        --zone=us-central2-b [--accelerator_type=v4-8] [--runtime_version=tpu-ubuntu2204-base] \
+        --zone=us-central2-b [--accelerator_type=v4-8] [--runtime_version=IMAGE] \
         [--spot] [--no_queue] [--repo_url=URL --ref=REF] [--runs=...] [--dry_run] [-- train flags]
 
 COMMAND is one of
@@ -42,6 +42,29 @@ REQUEUE_STATES = {"PREEMPTED", "SUSPENDED", "SUSPENDING", "FAILED", "NOT_FOUND"}
 REMOTE_CODE = "~/deeprnn"
 REMOTE_RUNS = "~/deeprnn-runs"  # logs and run locks on each worker
 REMOTE_PYTHON = "$HOME/venv/bin/python"
+# The TPU software version (VM image) each TPU generation needs, by the accelerator type's
+# prefix (cloud.google.com/tpu/docs/runtimes: "v4 and older: tpu-ubuntu2204-base"; v5e, v5p and
+# Trillium have images of their own). A v5e slice created with the v4 image does not run JAX.
+RUNTIME_VERSIONS = {
+    "v2": "tpu-ubuntu2204-base", "v3": "tpu-ubuntu2204-base", "v4": "tpu-ubuntu2204-base",
+    "v5litepod": "v2-alpha-tpuv5-lite", "v5e": "v2-alpha-tpuv5-lite",
+    "v5p": "v2-alpha-tpuv5", "v6e": "v2-alpha-tpuv6e",
+}
+# Python of the workers' venv. JAX 0.11 and later require Python >= 3.12 (PyPI's Requires-Python),
+# and libtpu 0.0.43 dropped 3.11 "following Jax" (its release notes): on 3.11, pip resolves
+# jax[tpu] to 0.10.2 at best. TPU images ship 3.10, so uv installs this one beside it.
+PYTHON_VERSION = "3.12"
+
+
+def runtime_version_for(accelerator_type: str) -> str:
+    """The TPU VM image for an accelerator type such as v4-32 or v5litepod-8."""
+    generation = accelerator_type.lower().rsplit("-", 1)[0]
+    if generation not in RUNTIME_VERSIONS:
+        known = ", ".join(f"{g}-N" for g in RUNTIME_VERSIONS)
+        raise UsageError(f"no known TPU software version for --accelerator_type="
+                         f"{accelerator_type} (known: {known}); give --runtime_version, see "
+                         "cloud.google.com/tpu/docs/runtimes")
+    return RUNTIME_VERSIONS[generation]
 
 
 class Gcloud:
@@ -149,7 +172,7 @@ class TpuLauncher:
                      "--worker=all", f"--command={command}"])
 
     def install(self, run: sweeps.Run) -> None:
-        """Python 3.11 in ~/venv (TPU images ship 3.10), the code in ~/deeprnn, '.[tpu,gcs]'."""
+        """Python --python_version in ~/venv, the code in ~/deeprnn, '.[tpu,gcs]'."""
         a = self.args
         # One command per step: `set -e` ignores a failure inside an && chain, which let a
         # failed fetch install the old checkout. FETCH_HEAD is the ref as the remote has it
@@ -173,8 +196,10 @@ class TpuLauncher:
             f"exec 9>{REMOTE_RUNS}/{run.name}.lock",
             f'if ! flock -n 9; then echo "{run.name}: running, code left as is"; exit 0; fi',
             "python3 -m pip install -q --user uv",
-            f"[ -x {REMOTE_PYTHON} ] || ~/.local/bin/uv venv -q --python {a.python_version} "
-            "$HOME/venv",
+            # A venv of another Python (an older launcher's, or another --python_version) is
+            # made again: its packages would be resolved for that Python.
+            f"{REMOTE_PYTHON} --version 2>&1 | grep -qF 'Python {a.python_version}.' || "
+            f"~/.local/bin/uv venv -q --clear --python {a.python_version} $HOME/venv",
             *fetch,
             f'~/.local/bin/uv pip install -q --python {REMOTE_PYTHON} -e ".[tpu,gcs]"',
         ]
@@ -316,7 +341,9 @@ def define_flags(values: flags.FlagValues) -> None:
     flags.DEFINE_string("project", None, "Google Cloud project (default: gcloud's).", **fv)
     flags.DEFINE_string("zone", None, "e.g. us-central2-b for v4.", **fv)
     flags.DEFINE_string("accelerator_type", "v4-8", "TPU type, e.g. v4-8, v5litepod-8.", **fv)
-    flags.DEFINE_string("runtime_version", "tpu-ubuntu2204-base", "TPU VM image.", **fv)
+    flags.DEFINE_string("runtime_version", None, "TPU software version (VM image); default: "
+                        "the one for --accelerator_type (v4: tpu-ubuntu2204-base, v5e: "
+                        "v2-alpha-tpuv5-lite, v5p: v2-alpha-tpuv5, v6e: v2-alpha-tpuv6e).", **fv)
     flags.DEFINE_boolean("spot", False, "Spot TPUs (re-queued on preemption).", **fv)
     flags.DEFINE_boolean("no_queue", False, "tpu-vm create/delete instead of queued "
                          "resources.", **fv)
@@ -324,7 +351,8 @@ def define_flags(values: flags.FlagValues) -> None:
     flags.DEFINE_string("repo_url", None, "git clone this on the TPUs (default: copy this "
                         "tree).", **fv)
     flags.DEFINE_string("ref", "main", "Commit or branch to check out.", **fv)
-    flags.DEFINE_string("python_version", "3.11", "Python for the TPU's venv.", **fv)
+    flags.DEFINE_string("python_version", PYTHON_VERSION, "Python for the workers' venv (3.12: "
+                        "newer JAX and libtpu need it).", **fv)
     flags.DEFINE_float("poll_s", 300, "watch: seconds between polls.", **fv)
     flags.DEFINE_integer("max_polls", 10_000, "watch: give up after N polls.", **fv)
 
@@ -342,6 +370,7 @@ def parse_args(argv: Sequence[str]):
             raise UsageError(f"--{name} is required; see python -m launch.tpu --help")
     if not args.bucket.startswith("gs://"):
         raise UsageError(f"--bucket={args.bucket} must start with gs://")
+    args.runtime_version = args.runtime_version or runtime_version_for(args.accelerator_type)
     return args
 
 

@@ -8,6 +8,7 @@ TPU as PREEMPTED once so that the re-queue path runs.
 import json
 import os
 import shlex
+import subprocess
 import sys
 import tarfile
 
@@ -213,6 +214,52 @@ def test_tpu_dry_run_prints_every_command_and_runs_none(fake_gcloud, capsys):
     assert "--workdir=gs://bkt/depth_cell/gru_l4 --corpus=time_machine --cell=gru " \
            "--num_layers=4" in "\n".join(lines)
     assert calls() == []
+
+
+@pytest.mark.parametrize("accelerator,image", [
+    ("v4-8", "tpu-ubuntu2204-base"), ("v4-32", "tpu-ubuntu2204-base"),
+    ("v5litepod-16", "v2-alpha-tpuv5-lite"), ("v5p-8", "v2-alpha-tpuv5"),
+    ("v6e-8", "v2-alpha-tpuv6e")])
+def test_runtime_version_follows_the_accelerator_type(accelerator, image, capsys):
+    tpu.main(["up", "--sweep=depth_cell", "--bucket=gs://bkt", "--zone=z", "--dry_run",
+              "--runs=lstm_l2", f"--accelerator_type={accelerator}"])
+    assert f"--accelerator-type={accelerator} --runtime-version={image}" in capsys.readouterr().out
+    tpu.main(["up", "--sweep=depth_cell", "--bucket=gs://bkt", "--zone=z", "--dry_run",
+              "--runs=lstm_l2", f"--accelerator_type={accelerator}", "--runtime_version=mine"])
+    assert "--runtime-version=mine" in capsys.readouterr().out  # given: used as is
+
+
+def test_an_unknown_accelerator_type_asks_for_a_runtime_version():
+    with pytest.raises(UsageError, match="no known TPU software version for "
+                                         "--accelerator_type=v9x-8.*give --runtime_version"):
+        tpu.main(["up", "--sweep=depth_cell", "--bucket=gs://bkt", "--zone=z", "--dry_run",
+                  "--accelerator_type=v9x-8"])
+
+
+def remote_commands(dry_run_output: str) -> list[str]:
+    """The --command of every `tpu-vm ssh` a dry run printed."""
+    return [arg.removeprefix("--command=") for line in dry_run_output.splitlines()
+            if " tpu-vm ssh " in line for arg in shlex.split(line)
+            if arg.startswith("--command=")]
+
+
+@pytest.mark.parametrize("venv_python,made_again", [("3.11", True), ("3.12", False)])
+def test_workers_get_python_3_12_and_a_venv_of_another_python_is_made_again(
+        tmp_path, capsys, venv_python, made_again):
+    tpu.main(["run", "--sweep=depth_cell", "--bucket=gs://bkt", "--zone=z", "--dry_run",
+              "--runs=lstm_l2"])
+    install = remote_commands(capsys.readouterr().out)[0]
+    step = next(s for s in install.split("; ") if "uv venv" in s)
+    assert step.endswith("uv venv -q --clear --python 3.12 $HOME/venv")
+    # The step itself, on a worker whose venv holds Python `venv_python`.
+    (tmp_path / "venv/bin").mkdir(parents=True)
+    (tmp_path / ".local/bin").mkdir(parents=True)
+    for path, body in ((tmp_path / "venv/bin/python", f"echo Python {venv_python}.7"),
+                       (tmp_path / ".local/bin/uv", f'echo "$@" > {tmp_path}/uv_args')):
+        path.write_text(f"#!/bin/sh\n{body}\n")
+        path.chmod(0o755)
+    subprocess.run(["bash", "-c", step], env={**os.environ, "HOME": str(tmp_path)}, check=True)
+    assert (tmp_path / "uv_args").exists() == made_again
 
 
 def test_runs_that_would_share_a_tpu_name_are_refused(tmp_path):
