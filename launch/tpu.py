@@ -371,6 +371,11 @@ def parse_args(argv: Sequence[str]):
     if not args.bucket.startswith("gs://"):
         raise UsageError(f"--bucket={args.bucket} must start with gs://")
     args.runtime_version = args.runtime_version or runtime_version_for(args.accelerator_type)
+    if args.data_dir and not args.data_dir.startswith("gs://"):
+        raise UsageError(f"--data_dir={args.data_dir} is a folder on this machine, which the TPU "
+                         "workers cannot read; omit it (each worker downloads its own copy of "
+                         "the corpora) or copy the <name>.txt files to gs://BUCKET/corpora and "
+                         "pass that")
     return args
 
 

@@ -1,5 +1,6 @@
 """Test session setup: one JAX compilation cache shared by this process and its subprocesses;
-the `slow` marker; the tiny sweep of the launcher tests. Shared helpers: tests/helpers.py."""
+the `slow` marker; the tiny sweep of the launcher tests; an in-memory gs://. Shared helpers:
+tests/helpers.py."""
 
 import os
 import pathlib
@@ -14,6 +15,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+from etils.epath import backend as epath_backend  # noqa: E402
+from fsspec.implementations.memory import MemoryFileSystem  # noqa: E402
 
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
@@ -44,3 +47,25 @@ def quick_compile():
     jax.config.update("jax_disable_most_optimizations", True)
     yield
     jax.config.update("jax_disable_most_optimizations", False)
+
+
+class FakeGCS(MemoryFileSystem):
+    """An in-memory stand-in for gcsfs: object writes only, no appends, no real folders."""
+
+    protocol = ("gs", "gcs")
+    root_marker = ""
+
+    def open(self, path, mode="rb", **kwargs):
+        assert "a" not in mode, "GCS objects cannot be appended to"
+        return super().open(path, mode, **kwargs)
+
+
+@pytest.fixture
+def fake_gcs(monkeypatch):
+    """gs:// paths opened through etils.epath (what deeprnn uses) land in memory."""
+    fake = FakeGCS(skip_instance_cache=True)
+    fake.store, fake.pseudo_dirs = {}, [""]  # MemoryFileSystem shares these class-wide
+    monkeypatch.setattr(
+        epath_backend._FileSystemSpecBackend, "_get_filesystem", lambda self, name: fake
+    )
+    return fake

@@ -287,3 +287,13 @@ def test_launch_readme_names_every_tpu_command():
     for command in tpu.COMMANDS:
         assert f"python -m launch.tpu {command}" in readme, command
     assert "python -m launch.local" in readme
+
+
+def test_a_local_data_dir_is_refused_and_a_gs_one_reaches_every_run(capsys):
+    common = ["run", "--sweep=depth_cell", "--bucket=gs://bkt", "--zone=z", "--dry_run",
+              "--runs=lstm_l2"]
+    with pytest.raises(UsageError, match="--data_dir=../shared/corpora is a folder on this "
+                                         "machine, which the TPU workers cannot read"):
+        tpu.main([*common, "--data_dir=../shared/corpora"])
+    tpu.main([*common, "--data_dir=gs://bkt/corpora"])
+    assert "--data_dir=gs://bkt/corpora" in remote_commands(capsys.readouterr().out)[-1]
