@@ -214,11 +214,13 @@ class TpuLauncher:
         # JAX system (its arguments come from the TPU environment; harmless on one host).
         script = [f"{REMOTE_PYTHON} -m deeprnn.train {shlex.join(train)} --multihost"]
         for corpus in run.eval_corpora:
+            # Also on every worker and under jax.distributed: a pod slice computes only with all
+            # its hosts ("jax.device_count() hangs until called on every host",
+            # cloud.google.com/tpu/docs/jax-pods). Process 0 alone writes the result.
             evaluate = sweeps.evaluate_args(workdir, corpus, data_dir=a.data_dir)
             result = f"{workdir}/{sweeps.eval_result_name(corpus)}"
-            # evaluate prints its result as JSON on stdout: stream it into one GCS object.
             script.append(f"{REMOTE_PYTHON} -m deeprnn.evaluate {shlex.join(evaluate)} "
-                          f"| gcloud storage cp - {shlex.quote(result)}")
+                          f"--multihost --output={shlex.quote(result)}")
         inner = "set -o pipefail; " + " && ".join(script)
         lock, log = f"{REMOTE_RUNS}/{run.name}.lock", f"{REMOTE_RUNS}/{run.name}.log"
         self.ssh(run, f"mkdir -p {REMOTE_RUNS} && cd {REMOTE_CODE} && setsid nohup flock -n "

@@ -141,8 +141,8 @@ def test_tpu_up_run_status_down_against_fake_gcloud(tiny_sweep, fake_gcloud, cap
         "--workdir=gs://bkt/sweeps/tiny/deep --cell=lstm --num_layers=3 --num_train_steps=9 "
         "--multihost && "
         "$HOME/venv/bin/python -m deeprnn.evaluate --workdir=gs://bkt/sweeps/tiny/deep "
-        "--corpus=war_and_peace --split=test | gcloud storage cp - "
-        "gs://bkt/sweeps/tiny/deep/eval/war_and_peace-test.json")
+        "--corpus=war_and_peace --split=test --multihost "
+        "--output=gs://bkt/sweeps/tiny/deep/eval/war_and_peace-test.json")
     assert "tensorboard --logdir=gs://bkt/sweeps/tiny" in capsys.readouterr().out
 
     tpu_main("status", sweep_path)

@@ -1,8 +1,8 @@
-"""The corpus of a multi-host run: every process loads its own copy, and all must agree.
+"""Multi-host programs: every process loads its own copy of the corpus and all must agree;
+evaluation runs on every process together and process 0 alone writes the result.
 
-The collectives are injected for the one-process tests; the slow test runs two processes as one
-JAX system, each with a HOME of its own (as the workers of a TPU pod slice have), no mirror, and
-a fake download.
+The collectives are injected for the one-process tests; the slow tests run two processes as one
+JAX system over 127.0.0.1, each with a HOME of its own (as the workers of a TPU pod slice have).
 """
 
 import json
@@ -15,7 +15,8 @@ import pytest
 from deeprnn.data.sources import Document
 from deeprnn.errors import UsageError
 from deeprnn.training import hosts
-from tests.helpers import REPO, SENTENCES, free_port, run_together
+from deeprnn.training.trained_run import score_corpus
+from tests.helpers import REPO, SENTENCES, free_port, run, run_together, tiny_argv, write_text
 
 WORKER = REPO / "tests" / "training" / "hosts_worker.py"
 
@@ -87,6 +88,19 @@ def test_a_process_that_cannot_load_stops_every_process():
                 lambda: pytest.fail("loaded after process 0 failed"))
 
 
+def worker_envs(tmp_path, count: int = 2) -> list[dict]:
+    """One environment per process: a HOME of its own, one CPU device, this tree first."""
+    envs = []
+    for i in range(count):
+        home = tmp_path / f"home{i}"
+        home.mkdir()
+        env = {k: v for k, v in os.environ.items() if k not in ("TFDS_DATA_DIR", "XLA_FLAGS")}
+        env.update(HOME=str(home), JAX_PLATFORMS="cpu",
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
+        envs.append(env)
+    return envs
+
+
 @pytest.mark.slow
 def test_two_hosts_with_their_own_homes_download_and_train_on_identical_ids(tmp_path):
     """As on a pod slice: no mirror, each worker's ~/tensorflow_datasets its own. Each process
@@ -95,17 +109,10 @@ def test_two_hosts_with_their_own_homes_download_and_train_on_identical_ids(tmp_
     body = ". ".join(SENTENCES[i % len(SENTENCES)] for i in range(150))
     book.write_text("Title: A Test Book\nAuthor: Ann Writer\n\n*** START OF THE PROJECT "
                     f"GUTENBERG EBOOK ***\n{body}.\n*** END OF THE PROJECT GUTENBERG EBOOK ***\n")
-    address, outs, envs = f"127.0.0.1:{free_port()}", [], []
-    for i in range(2):
-        home = tmp_path / f"home{i}"
-        home.mkdir()
-        env = {k: v for k, v in os.environ.items() if k not in ("TFDS_DATA_DIR", "XLA_FLAGS")}
-        env.update(HOME=str(home), JAX_PLATFORMS="cpu",
-                   PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
-        envs.append(env)
-        outs.append(tmp_path / f"out{i}.json")
+    address = f"127.0.0.1:{free_port()}"
+    outs = [tmp_path / f"out{i}.json" for i in range(2)]
     run_together([[sys.executable, str(WORKER), str(outs[i]), str(book), address, str(i),
-                   str(tmp_path / "workdir")] for i in range(2)], envs,
+                   str(tmp_path / "workdir")] for i in range(2)], worker_envs(tmp_path),
                  [tmp_path / f"log{i}.txt" for i in range(2)], timeout_s=240)
     first, second = (json.loads(out.read_text()) for out in outs)
     for result in (first, second):  # each its own download, prepared in its own home
@@ -113,3 +120,24 @@ def test_two_hosts_with_their_own_homes_download_and_train_on_identical_ids(tmp_
         assert result["prepared"]
     assert first["train_ids"] == second["train_ids"] and first["vocab"] == second["vocab"]
     assert first["final"] == second["final"] and first["final"]["test/perplexity"] > 1
+
+
+@pytest.mark.slow
+def test_two_hosts_evaluate_together_and_process_zero_alone_writes(tmp_path):
+    """What launch.tpu runs on every worker of a pod slice after training."""
+    workdir = tmp_path / "run"
+    run(tiny_argv(write_text(tmp_path / "text.txt"), workdir, "--num_train_steps=4",
+                  "--eval_every=4", "--checkpoint_every=4", "--notensorboard"))
+    alone = score_corpus(str(workdir), None, None, "test")  # this process, one device
+    result, address = tmp_path / "eval" / "result.json", f"127.0.0.1:{free_port()}"
+    logs = [tmp_path / f"log{i}.txt" for i in range(2)]
+    run_together([[sys.executable, "-m", "deeprnn.evaluate", f"--workdir={workdir}",
+                   "--split=test", f"--output={result}", "--multihost",
+                   f"--coordinator_address={address}", "--num_processes=2",
+                   f"--process_id={i}"] for i in range(2)], worker_envs(tmp_path), logs,
+                 timeout_s=240)
+    together = json.loads(result.read_text())
+    assert together["tokens"] == alone["tokens"]  # the whole split, each stream on one host
+    assert together["loss"] == pytest.approx(alone["loss"], rel=1e-5)
+    assert '"perplexity"' in logs[0].read_text()  # printed by process 0 alone
+    assert '"perplexity"' not in logs[1].read_text()
