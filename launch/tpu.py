@@ -54,6 +54,7 @@ RUNTIME_VERSIONS = {
 # and libtpu 0.0.43 dropped 3.11 "following Jax" (its release notes): on 3.11, pip resolves
 # jax[tpu] to 0.10.2 at best. TPU images ship 3.10, so uv installs this one beside it.
 PYTHON_VERSION = "3.12"
+CLOUD_PLATFORM_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 
 
 def runtime_version_for(accelerator_type: str) -> str:
@@ -95,6 +96,11 @@ class TpuLauncher:
         self.sweep_name = args.sweep_name or sweep.name
         project = [f"--project={args.project}"] if args.project else []
         self.location = [f"--zone={args.zone}", *project]
+        # The workers write checkpoints and logs to the bucket as this service account (default:
+        # the project's Compute Engine one). The cloud-platform scope leaves the decision to its
+        # IAM roles instead of a narrower scope set on the VM.
+        self.access = [*([f"--service-account={args.service_account}"]
+                         if args.service_account else []), f"--scopes={CLOUD_PLATFORM_SCOPE}"]
         self._source_tarball: str | None = None
         owners: dict[str, str] = {}  # names are lower-cased, sanitised and cut to 63 chars
         for run in sweep.runs:
@@ -117,16 +123,14 @@ class TpuLauncher:
     # TPU life cycle.
     def create(self, run: sweeps.Run) -> None:
         name, a = self.tpu_name(run), self.args
-        spot = ["--spot"] if a.spot else []
+        version = "--version" if a.no_queue else "--runtime-version"
+        options = [f"--accelerator-type={a.accelerator_type}",
+                   f"{version}={a.runtime_version}", *self.access, *(["--spot"] if a.spot else [])]
         if a.no_queue:
-            self.gcloud(["compute", "tpus", "tpu-vm", "create", name, *self.location,
-                         f"--accelerator-type={a.accelerator_type}",
-                         f"--version={a.runtime_version}", *spot])
+            self.gcloud(["compute", "tpus", "tpu-vm", "create", name, *self.location, *options])
         else:
             self.gcloud(["compute", "tpus", "queued-resources", "create", name,
-                         f"--node-id={name}", *self.location,
-                         f"--accelerator-type={a.accelerator_type}",
-                         f"--runtime-version={a.runtime_version}", *spot])
+                         f"--node-id={name}", *self.location, *options])
 
     def delete(self, run: sweeps.Run) -> None:
         name = self.tpu_name(run)
@@ -347,6 +351,9 @@ def define_flags(values: flags.FlagValues) -> None:
                         "the one for --accelerator_type (v4: tpu-ubuntu2204-base, v5e: "
                         "v2-alpha-tpuv5-lite, v5p: v2-alpha-tpuv5, v6e: v2-alpha-tpuv6e).", **fv)
     flags.DEFINE_boolean("spot", False, "Spot TPUs (re-queued on preemption).", **fv)
+    flags.DEFINE_string("service_account", None, "Service account (email) of the TPU VMs; it "
+                        "needs write access to --bucket (default: the project's Compute Engine "
+                        "default service account).", **fv)
     flags.DEFINE_boolean("no_queue", False, "tpu-vm create/delete instead of queued "
                          "resources.", **fv)
     flags.DEFINE_string("name_prefix", "deeprnn", "TPU names: PREFIX-SWEEP-RUN.", **fv)

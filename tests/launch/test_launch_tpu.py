@@ -120,7 +120,8 @@ def test_tpu_up_run_status_down_against_fake_gcloud(tiny_sweep, fake_gcloud, cap
     assert calls() == [
         ["compute", "tpus", "queued-resources", "create", f"deeprnn-tiny-{run}",
          f"--node-id=deeprnn-tiny-{run}", "--zone=us-central2-b", "--project=proj",
-         "--accelerator-type=v4-8", "--runtime-version=tpu-ubuntu2204-base", "--spot"]
+         "--accelerator-type=v4-8", "--runtime-version=tpu-ubuntu2204-base",
+         f"--scopes={tpu.CLOUD_PLATFORM_SCOPE}", "--spot"]
         for run in ("small", "deep")]
 
     tpu_main("run", sweep_path, "--", "--num_train_steps=9")
@@ -201,7 +202,8 @@ def test_tpu_dry_run_prints_every_command_and_runs_none(fake_gcloud, capsys):
               "--dry_run", "--runs=lstm_l2"])
     assert capsys.readouterr().out.splitlines() == [
         "gcloud compute tpus tpu-vm create deeprnn-depth-cell-lstm-l2 --zone=z "
-        "--accelerator-type=v4-8 --version=tpu-ubuntu2204-base"]
+        "--accelerator-type=v4-8 --version=tpu-ubuntu2204-base "
+        "--scopes=https://www.googleapis.com/auth/cloud-platform"]
     tpu.main(["run", "--sweep=depth_cell", "--bucket=gs://bkt", "--zone=z", "--dry_run",
               "--repo_url=https://example.com/deeprnn.git", "--ref=abc123"])
     lines = capsys.readouterr().out.splitlines()
@@ -227,6 +229,15 @@ def test_runtime_version_follows_the_accelerator_type(accelerator, image, capsys
     tpu.main(["up", "--sweep=depth_cell", "--bucket=gs://bkt", "--zone=z", "--dry_run",
               "--runs=lstm_l2", f"--accelerator_type={accelerator}", "--runtime_version=mine"])
     assert "--runtime-version=mine" in capsys.readouterr().out  # given: used as is
+
+
+@pytest.mark.parametrize("queue", [[], ["--no_queue"]])
+def test_a_service_account_and_the_cloud_platform_scope_reach_the_tpu(queue, capsys):
+    tpu.main(["up", "--sweep=depth_cell", "--bucket=gs://bkt", "--zone=z", "--dry_run",
+              "--runs=lstm_l2", "--service_account=runs@proj.iam.gserviceaccount.com", *queue])
+    create = shlex.split(capsys.readouterr().out)
+    assert "--service-account=runs@proj.iam.gserviceaccount.com" in create
+    assert "--scopes=https://www.googleapis.com/auth/cloud-platform" in create
 
 
 def test_an_unknown_accelerator_type_asks_for_a_runtime_version():
