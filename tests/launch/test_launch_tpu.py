@@ -1,15 +1,11 @@
-"""The TPU launcher against a fake gcloud.
-
-The fake gcloud is a script placed first on PATH. It checks each subcommand's flags the way
-the real one would need them, keeps TPU states in files, records every call, and reports one
-TPU as PREEMPTED once so that the re-queue path runs.
+"""The TPU launcher's commands against a fake gcloud (tests/launch/fake_gcloud.py, placed first
+on PATH): the gcloud calls each subcommand makes, and the scripts it sends to the workers.
+What `watch` does over time, on fake workers that run those scripts, is test_tpu_watch.py.
 """
 
-import json
 import os
 import shlex
 import subprocess
-import sys
 import tarfile
 
 import pytest
@@ -18,95 +14,6 @@ from deeprnn.errors import UsageError
 from launch import sweep as sweeps
 from launch import tpu
 
-FAKE_GCLOUD = r"""#!{python}
-import json, os, pathlib, sys
-args = sys.argv[1:]
-state_dir = pathlib.Path(os.environ["FAKE_GCLOUD_STATE"])
-with open(state_dir / "calls.jsonl", "a") as f:
-    f.write(json.dumps(args) + "\n")
-flags = {{a.split("=", 1)[0]: a.split("=", 1)[1] if "=" in a else True
-         for a in args if a.startswith("--")}}
-words = [a for a in args if not a.startswith("--")]
-
-def fail(message, code=2):
-    print("fake gcloud: " + message, file=sys.stderr)
-    sys.exit(code)
-
-def need(*names):
-    missing = [n for n in names if n not in flags]
-    if missing:
-        fail("missing " + " ".join(missing))
-
-def tpu_file(name):
-    return state_dir / ("tpu-" + name)
-
-if words[:3] == ["compute", "tpus", "queued-resources"]:
-    verb, name = words[3], words[4]
-    need("--zone")
-    if verb == "create":
-        need("--node-id", "--accelerator-type", "--runtime-version")
-        if flags["--node-id"] != name or tpu_file(name).exists():
-            fail("bad node id or already exists")
-        tpu_file(name).write_text("ACTIVE")
-    elif verb == "describe":
-        need("--format")
-        if not tpu_file(name).exists():
-            fail("NOT_FOUND: " + name, 1)
-        state = tpu_file(name).read_text()
-        preempt = state_dir / ("preempt-" + name)
-        if preempt.exists():  # preempted once: SUSPENDED until deleted and created again
-            preempt.unlink()
-            state = "SUSPENDED"
-            tpu_file(name).write_text(state)
-        print(state)
-    elif verb == "delete":
-        need("--force", "--quiet")
-        tpu_file(name).unlink()
-    else:
-        fail("unexpected " + verb)
-elif words[:3] == ["compute", "tpus", "tpu-vm"]:
-    verb, name = words[3], words[4]
-    need("--zone", "--worker")
-    if flags["--worker"] != "all":
-        fail("--worker must be all")
-    if verb == "ssh":
-        need("--command")
-        if tpu_file(name).read_text() != "ACTIVE":
-            fail("ssh to a TPU that is not ACTIVE")
-    elif verb == "scp":
-        source, target = words[4], words[5]
-        name = target.split(":")[0]
-        if not (pathlib.Path(source).is_file() and tpu_file(name).read_text() == "ACTIVE"):
-            fail("scp needs a file and an ACTIVE TPU")
-    else:
-        fail("unexpected " + verb)
-elif words[:2] == ["storage", "cat"]:
-    fail("no such object " + words[2], 1)
-else:
-    fail("unexpected command " + " ".join(words), 3)
-"""
-
-
-@pytest.fixture
-def fake_gcloud(tmp_path, monkeypatch):
-    bin_dir, state_dir = tmp_path / "bin", tmp_path / "gcloud_state"
-    bin_dir.mkdir()
-    state_dir.mkdir()
-    script = bin_dir / "gcloud"
-    script.write_text(FAKE_GCLOUD.format(python=sys.executable))
-    script.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("FAKE_GCLOUD_STATE", str(state_dir))
-
-    def calls():
-        path = state_dir / "calls.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-    def preempt(name):
-        (state_dir / f"preempt-{name}").write_text("")
-
-    return calls, preempt
-
 
 def tpu_main(command, sweep_path, *extra):
     return tpu.main([command, f"--sweep={sweep_path}", "--bucket=gs://bkt/sweeps",
@@ -114,7 +21,7 @@ def tpu_main(command, sweep_path, *extra):
 
 
 def test_tpu_up_run_status_down_against_fake_gcloud(tiny_sweep, fake_gcloud, capsys):
-    calls, _ = fake_gcloud
+    calls = fake_gcloud.calls
     sweep_path, flagfile = tiny_sweep
     tpu_main("up", sweep_path)
     assert calls() == [
@@ -127,18 +34,19 @@ def test_tpu_up_run_status_down_against_fake_gcloud(tiny_sweep, fake_gcloud, cap
     tpu_main("run", sweep_path, "--", "--num_train_steps=9")
     run_calls = calls()[2:]
     verbs = [" ".join(c[:4] if c[0] == "compute" else c[:2]) for c in run_calls]
-    assert verbs == 2 * ["compute tpus queued-resources describe", "storage cat",
+    # Per run: its TPU's state, summary.json, no launch_failed.json, the code, install, start.
+    assert verbs == 2 * ["compute tpus queued-resources describe", "storage cat", "storage cat",
                          "compute tpus tpu-vm scp", "compute tpus tpu-vm ssh",
                          "compute tpus tpu-vm ssh"]
-    with tarfile.open(run_calls[2][4]) as tar:  # the working tree travels to the workers
+    with tarfile.open(run_calls[3][4]) as tar:  # the working tree travels to the workers
         assert {"launch/tpu.py", "deeprnn/report.py"} <= set(tar.getnames())
-    install, start = run_calls[8][-1], run_calls[9][-1]
+    install, start = run_calls[10][-1], run_calls[11][-1]
     assert install.startswith("--command=set -e;") and "-e \".[tpu,gcs]\"" in install
     assert "flock -n" in start and ">> ~/deeprnn-runs/deep.log" in start
     # The remote script: train with the flagfile and a gs:// workdir, then the other corpus.
-    inner = shlex.split(start.split("bash -c ", 1)[1])[0]
-    assert inner == (
-        f"set -o pipefail; $HOME/venv/bin/python -m deeprnn.train --flagfile={flagfile} "
+    inner = shlex.split(start.split("bash -c ", 1)[1])[0].split("; ")
+    assert inner[inner.index("set -o pipefail") + 1] == (
+        f"$HOME/venv/bin/python -m deeprnn.train --flagfile={flagfile} "
         "--workdir=gs://bkt/sweeps/tiny/deep --cell=lstm --num_layers=3 --num_train_steps=9 "
         "--multihost && "
         "$HOME/venv/bin/python -m deeprnn.evaluate --workdir=gs://bkt/sweeps/tiny/deep "
@@ -160,7 +68,7 @@ def test_tpu_up_run_status_down_against_fake_gcloud(tiny_sweep, fake_gcloud, cap
 
 def test_tpu_requeue_recreates_a_preempted_spot_tpu_and_run_restarts_it(
         tiny_sweep, fake_gcloud, capsys):
-    calls, preempt = fake_gcloud
+    calls, preempt = fake_gcloud.calls, fake_gcloud.preempt
     sweep_path, _ = tiny_sweep
     tpu_main("up", sweep_path)
     preempt("deeprnn-tiny-deep")
@@ -171,6 +79,7 @@ def test_tpu_requeue_recreates_a_preempted_spot_tpu_and_run_restarts_it(
         ["compute", "tpus", "queued-resources", "describe", "deeprnn-tiny-small"],
         ["compute", "tpus", "queued-resources", "describe", "deeprnn-tiny-deep"],
         ["storage", "cat", "gs://bkt/sweeps/tiny/deep/summary.json"],
+        ["storage", "cat", "gs://bkt/sweeps/tiny/deep/launch_failed.json"],
         ["compute", "tpus", "queued-resources", "delete", "deeprnn-tiny-deep"],
         ["compute", "tpus", "queued-resources", "create", "deeprnn-tiny-deep"],
     ]
@@ -183,7 +92,7 @@ def test_tpu_requeue_recreates_a_preempted_spot_tpu_and_run_restarts_it(
 
 
 def test_tpu_watch_requeues_and_starts_each_run_once_per_tpu(tiny_sweep, fake_gcloud):
-    calls, preempt = fake_gcloud
+    calls, preempt = fake_gcloud.calls, fake_gcloud.preempt
     sweep_path, _ = tiny_sweep
     tpu_main("up", sweep_path, "--runs=deep")
     preempt("deeprnn-tiny-deep")
@@ -197,7 +106,7 @@ def test_tpu_watch_requeues_and_starts_each_run_once_per_tpu(tiny_sweep, fake_gc
 
 
 def test_tpu_dry_run_prints_every_command_and_runs_none(fake_gcloud, capsys):
-    calls, _ = fake_gcloud
+    calls = fake_gcloud.calls
     tpu.main(["up", "--sweep=depth_cell", "--bucket=gs://bkt", "--zone=z", "--no_queue",
               "--dry_run", "--runs=lstm_l2"])
     assert capsys.readouterr().out.splitlines() == [
