@@ -137,7 +137,9 @@ def test_each_workers_log_reaches_the_workdir_as_the_run_goes_and_at_its_end(
     fake_gcloud.workers(2)  # a pod slice: each worker its own log
     fake_gcloud.behave("small", "slow")
     tpu_main("up", sweep, "--runs=small")
-    tpu_main("run", sweep, "--runs=small")
+    started = time.monotonic()
+    assert tpu_main("run", sweep, "--runs=small") == 0
+    assert time.monotonic() - started < 10  # ssh returns once the run is started, not ended
     logs = [fake_gcloud.gcs(f"gs://bkt/sweeps/tiny/small/logs/{SMALL}-w-{i}.log")
             for i in range(2)]
     wait_for(lambda: all(log.exists() and "step 3" in log.read_text() for log in logs))
