@@ -64,7 +64,7 @@ def start_script(run: str, commands: list[str], workdir: str, log_copy_s: float)
         f"exec 9>>{f['lock']}",
         "flock -n 9 || exit 0",  # already running: leave it be
         f"rm -f {f['exit']}",
-        f"ps -o pgid= $$ | tr -d ' ' > {f['pgid']}",
+        f"echo $(ps -o pgid= $$) > {f['pgid']}",  # unquoted: the padding goes
         f'echo "{ATTEMPT} $(date -u +%FT%TZ) on $(hostname)"',
         f"copy_log() {{ gcloud storage cp {f['log']} {remote_log} >/dev/null 2>&1 || true; }}",
         # The copier closes the lock's descriptor: only the run itself may hold the lock.
