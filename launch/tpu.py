@@ -24,9 +24,7 @@ import json
 import pathlib
 import re
 import shlex
-import subprocess
 import sys
-import tarfile
 import tempfile
 from collections.abc import Callable, Sequence
 
@@ -183,21 +181,14 @@ class TpuLauncher:
 
     def install(self, run: sweeps.Run) -> None:
         a = self.args
-        # FETCH_HEAD is the ref as the remote has it now (a branch's newest commit, a tag, a
-        # commit), whatever was checked out before.
         if a.repo_url:
-            code = workers.REMOTE_CODE
-            fetch = [f"[ -d {code} ] || git clone -q {shlex.quote(a.repo_url)} {code}",
-                     f"cd {code}", f"git fetch -q origin {shlex.quote(a.ref)}",
-                     "git checkout -q --force --detach FETCH_HEAD"]
+            fetch = workers.clone_steps(a.repo_url, a.ref)
         else:
             tarball = self.source_tarball()
             self.gcloud(["compute", "tpus", "tpu-vm", "scp", tarball,
-                         f"{self.tpu_name(run)}:deeprnn-src.tar.gz", *self.location,
+                         f"{self.tpu_name(run)}:{workers.REMOTE_TARBALL}", *self.location,
                          "--worker=all"])
-            fetch = [f"rm -rf {workers.REMOTE_CODE}", f"mkdir -p {workers.REMOTE_CODE}",
-                     f"tar -xzf ~/deeprnn-src.tar.gz -C {workers.REMOTE_CODE}",
-                     f"cd {workers.REMOTE_CODE}"]
+            fetch = workers.unpack_steps()
         self.ssh(run, workers.install_script(run.name, a.python_version, fetch))
 
     def start(self, run: sweeps.Run) -> None:
@@ -227,16 +218,10 @@ class TpuLauncher:
         self.ssh(run, workers.stop_script(run.name))
 
     def source_tarball(self) -> str:
-        """The working tree (tracked and untracked, not ignored) packed once per invocation."""
+        """This working tree, packed once per invocation."""
         if self._source_tarball is None:
             path = pathlib.Path(tempfile.gettempdir()) / f"deeprnn-src-{self.sweep_name}.tar.gz"
-            files = _source_files()
-            if self.args.dry_run:
-                print(f"# pack {len(files)} files of {sweeps.REPO_ROOT} into {path}")
-            else:
-                with tarfile.open(path, "w:gz") as tar:
-                    for file in files:
-                        tar.add(sweeps.REPO_ROOT / file, arcname=file)
+            workers.pack_source(path, dry_run=self.args.dry_run)
             self._source_tarball = str(path)
         return self._source_tarball
 
@@ -312,17 +297,6 @@ class TpuLauncher:
 
     def down(self) -> int:
         return self.for_each_run(self.delete)
-
-
-def _source_files() -> list[str]:
-    try:  # read-only: which files git would ship, untracked ones included
-        listing = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"],
-                                 cwd=sweeps.REPO_ROOT, check=True, text=True, capture_output=True)
-        files = listing.stdout.split()
-    except (OSError, subprocess.CalledProcessError):
-        files = [str(p.relative_to(sweeps.REPO_ROOT)) for p in sweeps.REPO_ROOT.rglob("*")
-                 if p.is_file() and not any(part.startswith(".") for part in p.parts)]
-    return sorted(f for f in files if (sweeps.REPO_ROOT / f).is_file())
 
 
 COMMANDS = ("up", "run", "status", "requeue", "watch", "down")

@@ -1,5 +1,6 @@
 """What launch.tpu runs on the TPU workers: shell scripts sent with `tpu-vm ssh --worker=all`
-that install the code, start a run detached, probe whether it still runs, and stop it.
+that install the code (this tree packed, or a git clone), start a run detached, probe whether it
+still runs, and stop it.
 
 Each worker keeps, per run, in ~/deeprnn-runs:
 
@@ -17,12 +18,18 @@ A worker's disk goes with its VM when a Spot TPU is preempted, so the log is als
 
 from __future__ import annotations
 
+import pathlib
 import shlex
+import subprocess
+import tarfile
 from dataclasses import dataclass
+
+from launch.sweep import REPO_ROOT
 
 REMOTE_CODE = "~/deeprnn"
 REMOTE_RUNS = "~/deeprnn-runs"
 REMOTE_PYTHON = "$HOME/venv/bin/python"
+REMOTE_TARBALL = "deeprnn-src.tar.gz"  # in the home folder
 PROBE_TAG = "deeprnn-probe"
 ATTEMPT = "=== deeprnn attempt"
 # A stopped run gets TERM first (the training program saves a checkpoint on it), KILL after this.
@@ -31,6 +38,38 @@ STOP_GRACE_S = 60
 
 def _files(run: str) -> dict[str, str]:
     return {kind: f"{REMOTE_RUNS}/{run}.{kind}" for kind in ("lock", "log", "exit", "pgid")}
+
+
+def pack_source(path: pathlib.Path, dry_run: bool = False) -> None:
+    """This working tree (tracked and untracked files, not ignored ones) as a .tar.gz."""
+    try:  # read-only: which files git would ship, untracked ones included
+        listing = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO_ROOT,
+                                 check=True, text=True, capture_output=True)
+        files = listing.stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        files = [str(p.relative_to(REPO_ROOT)) for p in REPO_ROOT.rglob("*")
+                 if p.is_file() and not any(part.startswith(".") for part in p.parts)]
+    files = sorted(f for f in files if (REPO_ROOT / f).is_file())
+    if dry_run:
+        print(f"# pack {len(files)} files of {REPO_ROOT} into {path}")
+        return
+    with tarfile.open(path, "w:gz") as tar:
+        for file in files:
+            tar.add(REPO_ROOT / file, arcname=file)
+
+
+def clone_steps(repo_url: str, ref: str) -> list[str]:
+    """The code from git. FETCH_HEAD is the ref as the remote has it now (a branch's newest
+    commit, a tag, a commit), whatever was checked out before."""
+    return [f"[ -d {REMOTE_CODE} ] || git clone -q {shlex.quote(repo_url)} {REMOTE_CODE}",
+            f"cd {REMOTE_CODE}", f"git fetch -q origin {shlex.quote(ref)}",
+            "git checkout -q --force --detach FETCH_HEAD"]
+
+
+def unpack_steps() -> list[str]:
+    """The code from the tarball copied to the worker (pack_source)."""
+    return [f"rm -rf {REMOTE_CODE}", f"mkdir -p {REMOTE_CODE}",
+            f"tar -xzf ~/{REMOTE_TARBALL} -C {REMOTE_CODE}", f"cd {REMOTE_CODE}"]
 
 
 def install_script(run: str, python_version: str, fetch: list[str]) -> str:
