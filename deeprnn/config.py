@@ -149,9 +149,11 @@ _HELP = {
     "corpus": "Corpus spec: names (time_machine, war_of_the_worlds, frankenstein, "
               "pride_and_prejudice, war_and_peace, tiny_shakespeare), gutenberg:<id> or "
               "file:<path>, comma-separated to train on several.",
-    "data_dir": "Folder of raw <name>.txt files read before any download (read-only). "
-                "Default: $DEEPRNN_DATA_DIR.",
-    "tfds_data_dir": "Where TFDS keeps downloads and prepared datasets (default TFDS's).",
+    "data_dir": "Folder of raw <name>.txt files read before any download (read-only; local "
+                "or gs://, e.g. for the workers of a TPU pod slice). Default: "
+                "$DEEPRNN_DATA_DIR.",
+    "tfds_data_dir": "Local folder where TFDS keeps downloads and prepared datasets (default "
+                     "TFDS's); each host of a multi-host run prepares its own copy.",
     "preprocess": "d2l (d2l 1.0: letters only, lowercase, on the whole text), d2l_lines "
                   "(d2l 0.17: the same per line, lines glued) or raw (every character).",
     "split": "Train,validation,test fractions of each document, contiguous; 1,0,0 means no "

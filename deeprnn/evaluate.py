@@ -1,7 +1,11 @@
 """Score a trained run on a corpus: `python -m deeprnn.evaluate --workdir=DIR --corpus=SPEC`.
 
 The run's own vocabulary scores the text (characters it never saw become <unk>, and the <unk>
-rate is reported), e.g. a book by an author left out of training. Prints one JSON object.
+rate is reported), e.g. a book by an author left out of training. Prints one JSON object, and
+with --output also writes it there (a local path or gs://), whole.
+
+On a TPU pod slice, run it on every worker with --multihost, as training runs: the processes
+score the text together, and process 0 alone prints and writes the result.
 """
 
 from __future__ import annotations
@@ -12,7 +16,6 @@ import sys
 from absl import app, flags
 
 from deeprnn.errors import UsageError, exit_on_usage_error, parse_flags_or_exit
-from deeprnn.training.trained_run import score_corpus
 
 FLAGS = flags.FLAGS
 UNK_WARNING_RATE = 0.25  # a quarter unseen: the score is more about <unk> than the model
@@ -31,6 +34,16 @@ def define_flags() -> None:
                       "`all` scores the whole text.")
     flags.DEFINE_integer("eval_batch_size", None, "Streams the text is read as (default: the "
                          "run's --eval_batch_size; fewer when the text is too short).")
+    flags.DEFINE_string("output", None, "Also write the JSON result to this file (local or "
+                        "gs://), replacing it whole; process 0 alone writes.")
+    flags.DEFINE_boolean("multihost", False, "Call jax.distributed.initialize() first and score "
+                         "on every device of every host (TPU pod slices: run it on every "
+                         "worker; arguments from the environment).")
+    flags.DEFINE_string("coordinator_address", "", "host:port of process 0 for --multihost "
+                        "outside Cloud TPU.")
+    flags.DEFINE_integer("num_processes", 0, "Processes for --multihost outside Cloud TPU.")
+    flags.DEFINE_integer("process_id", -1, "This process's index for --multihost outside "
+                         "Cloud TPU.")
 
 
 def main(argv):
@@ -38,9 +51,27 @@ def main(argv):
     with exit_on_usage_error():
         if not FLAGS.workdir:
             raise UsageError("--workdir is required: the folder of a trained run")
+        # deferred: JAX loads (seconds) only once the flags are known good
+        import jax
+        from etils import epath
+
+        # deferred: these load JAX, Flax and Orbax
+        from deeprnn.run.writers import write_text_whole
+        from deeprnn.training.parallel import start_multihost
+        from deeprnn.training.trained_run import score_corpus
+
+        start_multihost(FLAGS.multihost, FLAGS.coordinator_address, FLAGS.num_processes,
+                        FLAGS.process_id)
         result = score_corpus(FLAGS.workdir, FLAGS.corpus, FLAGS.data_dir, FLAGS.split,
                               FLAGS.eval_batch_size)
-        print(json.dumps(result, indent=1))
+        if jax.process_index() != 0:  # one result, one writer: the others computed the same
+            return
+        text = json.dumps(result, indent=1)
+        print(text)
+        if FLAGS.output:
+            path = epath.Path(FLAGS.output)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_whole(path, text + "\n")
         if result["unk_rate"] > UNK_WARNING_RATE:
             print(f"warning: {result['unk_rate']:.0%} of this text is characters the run's "
                   "vocabulary lacks (<unk>), so its perplexity says little about the model; "

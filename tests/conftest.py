@@ -1,6 +1,8 @@
 """Test session setup: one JAX compilation cache shared by this process and its subprocesses;
-the `slow` marker; the tiny sweep of the launcher tests. Shared helpers: tests/helpers.py."""
+the `slow` marker; the tiny sweep of the launcher tests; an in-memory gs://. Shared helpers:
+tests/helpers.py."""
 
+import importlib.util
 import os
 import pathlib
 
@@ -14,6 +16,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+from etils.epath import backend as epath_backend  # noqa: E402
+from fsspec.implementations.memory import MemoryFileSystem  # noqa: E402
 
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
@@ -55,3 +59,27 @@ def finished(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("finished")
     run(tiny_argv(text, workdir))
     return text, workdir
+class FakeGCS(MemoryFileSystem):
+    """An in-memory stand-in for gcsfs: object writes only, no appends, no real folders."""
+
+    protocol = ("gs", "gcs")
+    root_marker = ""
+
+    def open(self, path, mode="rb", **kwargs):
+        assert "a" not in mode, "GCS objects cannot be appended to"
+        return super().open(path, mode, **kwargs)
+
+
+@pytest.fixture
+def fake_gcs(monkeypatch):
+    """gs:// paths opened through etils.epath (what deeprnn uses) land in memory."""
+    fake = FakeGCS(skip_instance_cache=True)
+    fake.store, fake.pseudo_dirs = {}, [""]  # MemoryFileSystem shares these class-wide
+    monkeypatch.setattr(
+        epath_backend._FileSystemSpecBackend, "_get_filesystem", lambda self, name: fake
+    )
+    # It stands in for gcsfs, so deeprnn's check that gcsfs is installed must pass too.
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: real_find_spec(
+        "fsspec" if name == "gcsfs" else name, *args))
+    return fake

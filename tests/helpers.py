@@ -1,10 +1,13 @@
-"""What several test modules share: the repository's paths, tiny text written by the tests, and
-a tiny training run in-process."""
+"""What several test modules share: the repository's paths, tiny text written by the tests, a
+tiny training run in-process, and processes started together as one JAX system."""
 
 from __future__ import annotations
 
 import pathlib
 import re
+import socket
+import subprocess
+import time
 
 import numpy as np
 
@@ -39,3 +42,30 @@ def run(argv):
 
     config, workdir = parse_args(argv)
     return train_and_evaluate(config, workdir)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_together(commands: list[list[str]], envs: list[dict], logs: list[pathlib.Path],
+                 timeout_s: float) -> None:
+    """Starts processes that work together (one JAX system) and waits for all of them; fails
+    the test, with the log's tail, on a non-zero exit. Output goes to files: a full pipe would
+    stall one process and so all of them, in a collective."""
+    procs, deadline = [], time.monotonic() + timeout_s
+    try:
+        for command, env, log in zip(commands, envs, logs, strict=True):
+            with open(log, "w") as out:
+                procs.append(subprocess.Popen(command, env=env, stdout=out,
+                                              stderr=subprocess.STDOUT, cwd=REPO))
+        for proc, log in zip(procs, logs, strict=True):
+            proc.wait(timeout=max(deadline - time.monotonic(), 1))
+            assert proc.returncode == 0, log.read_text()[-3000:]
+    finally:
+        for proc in procs:  # a hung collective must not outlive the test
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

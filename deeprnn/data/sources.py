@@ -2,12 +2,14 @@
 
 A spec lists documents, comma-separated: a name below, `gutenberg:<id>`, or `file:<path>`.
 Each one is read, in order of preference, from
-  1. the mirror: `<data_dir>/<name>.txt` (`--data_dir` or $DEEPRNN_DATA_DIR), only ever read;
+  1. the mirror: `<data_dir>/<name>.txt` (`--data_dir` or $DEEPRNN_DATA_DIR, a local folder or
+     a gs:// one), only ever read;
   2. the copy shipped in the package (The Time Machine only: deeprnn/data/texts/);
-  3. the TFDS dataset `deeprnn_text/<name>` prepared earlier under `--tfds_data_dir`;
+  3. the TFDS dataset `deeprnn_text/<name>` prepared earlier under `--tfds_data_dir` (local);
   4. a download from the canonical source, checksum-verified where pinned, cached under
      `<tfds_data_dir>/downloads/deeprnn/` (never repeated) and prepared as that dataset.
-On a multi-host run only process 0 downloads and prepares; the others wait for its dataset.
+Every process of a multi-host run loads its own copy this way (the texts are a few MB), so none
+depends on another host's disk; deeprnn.training.hosts checks that they all got the same text.
 `python -m deeprnn.corpora` prints what a spec loads to.
 """
 
@@ -21,6 +23,8 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from etils import epath
 
 from deeprnn.errors import UsageError
 
@@ -133,7 +137,7 @@ def fetch_url(url: str) -> bytes:
         return response.read()
 
 
-def _read_file(path: Path) -> bytes:
+def _read_file(path: Path | epath.Path) -> bytes:
     try:
         return path.read_bytes()
     except OSError as e:
@@ -187,7 +191,7 @@ def _download(source: Source, cache: Path, fetch: Callable[[str], bytes],
         data = _read_file(path)
         verify_checksums(source, data, str(path), f"delete {path} to download it again")
         return document_from_bytes(source.name, data, source.author, source.title, str(path))
-    put = (f"{Path(mirror) / source.file_stem}.txt" if mirror else
+    put = (f"{epath.Path(mirror) / source.file_stem}.txt" if mirror else
            f"{source.file_stem}.txt into a folder given by --data_dir or ${DATA_DIR_ENV}")
     try:
         data = fetch(source.url)
@@ -201,8 +205,7 @@ def _download(source: Source, cache: Path, fetch: Callable[[str], bytes],
 
 
 def _load_through_tfds(source: Source, mirror: str | None, tfds_data_dir: str | None,
-                       fetch: Callable[[str], bytes], process_index: int,
-                       wait_timeout_s: float) -> Document:
+                       fetch: Callable[[str], bytes]) -> Document:
     try:  # deferred: TFDS is slow to import and absent on the GPU machines; a mirror needs none
         from deeprnn.data import tfds_text
     except ImportError as e:
@@ -211,28 +214,24 @@ def _load_through_tfds(source: Source, mirror: str | None, tfds_data_dir: str | 
                          f" {source.file_stem}.txt into a folder given by --data_dir") from e
     root = tfds_data_dir or _default_tfds_data_dir()
     config = source.file_stem
-    if process_index != 0:
-        example = tfds_text.wait_for_prepared(config, root, wait_timeout_s)
-    else:
-        example = tfds_text.read_prepared(config, root)
-        if example is None:
-            document = _download(source, Path(root) / "downloads" / "deeprnn", fetch, mirror)
-            example = tfds_text.prepare(config, root, asdict(document))
+    example = tfds_text.read_prepared(config, root)
+    if example is None:
+        document = _download(source, Path(root) / "downloads" / "deeprnn", fetch, mirror)
+        example = tfds_text.prepare(config, root, asdict(document))
     return Document(**example)
 
 
 def load_documents(spec: str, data_dir: str | None = None, tfds_data_dir: str | None = None,
-                   fetch: Callable[[str], bytes] | None = None, *,
-                   process_index: int | None = None,
-                   wait_timeout_s: float = 1800.0) -> list[Document]:
-    """The documents of a corpus spec, in spec order (see the module docstring for sources).
-
-    process_index: this host's jax.process_index() (injectable for tests); only process 0
-    downloads and prepares, the others wait up to wait_timeout_s for its TFDS dataset.
-    """
+                   fetch: Callable[[str], bytes] | None = None) -> list[Document]:
+    """The documents of a corpus spec, in spec order (see the module docstring for sources)."""
     mirror = data_dir or os.environ.get(DATA_DIR_ENV) or None
-    if mirror and not Path(mirror).is_dir():
+    if mirror and not epath.Path(mirror).is_dir():
         raise UsageError(f"mirror folder {mirror} does not exist; fix --data_dir/${DATA_DIR_ENV}")
+    if tfds_data_dir and "://" in tfds_data_dir:
+        # The download cache and TFDS's atomic rename of a prepared dataset need a local disk.
+        raise UsageError(f"--tfds_data_dir={tfds_data_dir} must be a local folder; to share the "
+                         "texts between hosts, put <name>.txt files in a folder such as "
+                         "gs://BUCKET/corpora and pass it as --data_dir")
     documents = []
     for entry in parse_spec(spec):
         if entry.startswith("file:"):
@@ -244,7 +243,7 @@ def load_documents(spec: str, data_dir: str | None = None, tfds_data_dir: str | 
                                                  fallback_title=path.stem))
             continue
         source = resolve_source(entry)
-        mirrored = Path(mirror) / f"{source.file_stem}.txt" if mirror else None
+        mirrored = epath.Path(mirror) / f"{source.file_stem}.txt" if mirror else None
         if mirrored is not None and mirrored.is_file():
             data = _read_file(mirrored)
             verify_checksums(source, data, str(mirrored), f"replace it with {source.url}")
@@ -254,12 +253,7 @@ def load_documents(spec: str, data_dir: str | None = None, tfds_data_dir: str | 
         if source.packaged:
             documents.append(packaged_document(source))
             continue
-        if process_index is None:
-            import jax  # deferred: reading the mirror must not start a JAX backend
-
-            process_index = jax.process_index()
-        documents.append(_load_through_tfds(source, mirror, tfds_data_dir, fetch or fetch_url,
-                                            process_index, wait_timeout_s))
+        documents.append(_load_through_tfds(source, mirror, tfds_data_dir, fetch or fetch_url))
     return documents
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-import time
 
 import tensorflow_datasets as tfds
 
@@ -98,20 +97,3 @@ def prepare(config_name: str, root: str, example: dict[str, str]) -> dict[str, s
         builder = _builder(config_name, root, example)
         builder.download_and_prepare(file_format="array_record")
         return _read(_builder(config_name, root))
-
-
-def wait_for_prepared(config_name: str, root: str, timeout_s: float,
-                      poll_s: float = 1.0) -> dict[str, str]:
-    """For processes other than 0 on a multi-host run: wait until process 0 has prepared it."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        example = read_prepared(config_name, root)
-        if example is not None:
-            return example
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise UsageError(
-                f"waited {timeout_s:g}s for process 0 to prepare deeprnn_text/{config_name} in"
-                f" {root}; check process 0's log, share --tfds_data_dir between hosts, or give"
-                " every host a mirror with --data_dir")
-        time.sleep(min(poll_s, remaining))

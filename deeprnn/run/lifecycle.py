@@ -29,6 +29,8 @@ import signal
 import socket
 import threading
 
+from etils import epath
+
 from deeprnn.errors import EXIT_USAGE, UsageError  # noqa: F401 (EXIT_USAGE re-exported)
 
 EXIT_FAILED = 1
@@ -165,6 +167,7 @@ class WorkdirLock:
 
     def acquire(self) -> WorkdirLock:
         if "://" in self.workdir:
+            check_remote_writable(self.workdir)
             logging.warning("%s is remote: no workdir lock is taken; make sure only one run "
                             "uses it at a time", self.workdir)
             return self
@@ -253,6 +256,23 @@ def _same_file(fd: int, path: str) -> bool:
         return os.fstat(fd).st_ino == os.stat(path).st_ino
     except FileNotFoundError:
         return False
+def check_remote_writable(workdir: str) -> None:
+    """One small write and delete in a gs:// workdir, before any training: a machine whose
+    service account (or access scopes) cannot write the bucket would otherwise train until its
+    first checkpoint and lose that work."""
+    probe = epath.Path(workdir) / f".deeprnn-write-check-{socket.gethostname()}-{os.getpid()}"
+    try:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text("deeprnn checks that this machine can write here\n")
+        probe.unlink()
+    except Exception as err:  # gcsfs raises its own types (HttpError, ...) besides OSError
+        bucket = workdir.split("://", 1)[1].split("/", 1)[0]
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise UsageError(
+            f"cannot write to --workdir={workdir} ({detail}); give this machine's service "
+            f"account write access to bucket {bucket} (e.g. roles/storage.objectUser) and the "
+            "cloud-platform scope (launch.tpu: up --service_account=NAME@PROJECT."
+            "iam.gserviceaccount.com)") from err
 
 
 def _read_holder(fd: int) -> dict:

@@ -9,25 +9,17 @@ characters it never saw become <unk>, and the <unk> rate is reported) score thro
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import numpy as np
 
 from deeprnn.config import RunConfig
 from deeprnn.data.samplers import eval_batches
-from deeprnn.model.build import build_model
 from deeprnn.model.config import ModelConfig
 from deeprnn.model.stack import init_carry
 from deeprnn.run.checkpoints import restore_best
 from deeprnn.training.progress import seed_record
-from deeprnn.training.train_step import eval_step, summarize
-
-
-@functools.lru_cache(maxsize=16)
-def single_device_eval_fn(model_config: ModelConfig):
-    model = build_model(model_config)
-    return jax.jit(functools.partial(eval_step, apply_fn=model.apply))
+from deeprnn.training.train_step import summarize
 
 
 def evaluate_ids(step_fn, model_config, params, ids: np.ndarray, *, batch_size: int,
@@ -52,6 +44,18 @@ def evaluate_ids(step_fn, model_config, params, ids: np.ndarray, *, batch_size: 
         return [{**summarize(float(ls), float(t)), "tokens": float(t)}
                 for ls, t in zip(loss_sum, tokens, strict=True)]
     return {**summarize(float(loss_sum), float(tokens)), "tokens": float(tokens)}
+
+
+def evaluate_on_devices(devices, eval_fn, model_config: ModelConfig, params, ids: np.ndarray, *,
+                        batch_size: int, num_steps: int):
+    """`evaluate_ids` over every device of `devices` (DataParallel, or SeedStack for stacked
+    seeds): this process scores its rows of the `batch_size` streams, and the sums are taken
+    across all processes. `params` are logical; `eval_fn` is `devices.compile_eval(...)`."""
+    start, stop = devices.rows(batch_size, "eval_batch_size")
+    carry = devices.shard_rows(init_carry(model_config, stop - start))
+    return evaluate_ids(eval_fn, model_config, devices.replicate(params), ids,
+                        batch_size=batch_size, num_steps=num_steps, rows=(start, stop),
+                        carry=carry)
 
 
 def scoring_config(run_config: RunConfig, corpus: str | None, data_dir: str | None,

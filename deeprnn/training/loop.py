@@ -30,7 +30,6 @@ import numpy as np
 from deeprnn.config import RunConfig, profile_steps
 from deeprnn.data import vocab
 from deeprnn.model.generation import generate
-from deeprnn.model.stack import init_carry
 from deeprnn.run.checkpoints import RunCheckpoints, save_best
 from deeprnn.run.console import ProgressLine, final_line
 from deeprnn.run.lifecycle import (
@@ -47,7 +46,7 @@ from deeprnn.run.process import enable_compilation_cache, keep_freed_host_memory
 from deeprnn.run.summary import finished_summary, write_summary
 from deeprnn.run.writers import RunWriter
 from deeprnn.training.device_batches import sampler_starts
-from deeprnn.training.evaluation import evaluate_ids, final_evaluation
+from deeprnn.training.evaluation import evaluate_on_devices, final_evaluation
 from deeprnn.training.memory_check import check_fits
 from deeprnn.training.parallel import start_multihost
 from deeprnn.training.progress import (
@@ -139,7 +138,7 @@ class Trainer:
         self.devices = make_devices(config)
         self.samplers = make_samplers(config, self.splits.train,
                                       self.devices.rows(config.batch_size))
-        self.eval_rows = self.devices.rows(config.eval_batch_size, "eval_batch_size")
+        self.devices.rows(config.eval_batch_size, "eval_batch_size")  # refused before training
         self.schedule = Schedule.of(config, self.samplers[0].steps_per_epoch)
         self.model_config = model_config_for(config, self.splits.vocab.size)
         if not found:  # a resumed run fitted when it was saved (its sizes cannot change)
@@ -353,12 +352,9 @@ class Trainer:
 
     def _evaluate(self, params, ids) -> list[dict]:
         """Scores a split with logical params; one dict per seed."""
-        rows = self.eval_rows[1] - self.eval_rows[0]
-        carry = self.devices.shard_rows(init_carry(self.model_config, rows))
-        return as_seed_list(evaluate_ids(
-            self.eval_fn, self.model_config, self.devices.replicate(params), ids,
-            rows=self.eval_rows, carry=carry, batch_size=self.config.eval_batch_size,
-            num_steps=self.config.num_steps))
+        return as_seed_list(evaluate_on_devices(
+            self.devices, self.eval_fn, self.model_config, params, ids,
+            batch_size=self.config.eval_batch_size, num_steps=self.config.num_steps))
 
     def _save(self, wait: bool) -> None:
         if not all_finite(self.state.params):

@@ -19,7 +19,7 @@ from deeprnn.errors import UsageError
 from deeprnn.model.build import build_model, init_params
 from deeprnn.model.config import ModelConfig
 from deeprnn.model.stack import init_carry
-from deeprnn.training import seeds
+from deeprnn.training import hosts, seeds
 from deeprnn.training.optimizer import make_learning_rate, make_optimizer
 from deeprnn.training.parallel import DataParallel
 from deeprnn.training.train_step import TrainState
@@ -34,7 +34,11 @@ def model_config_for(config: RunConfig, vocab_size: int) -> ModelConfig:
 
 
 def load_splits(config: RunConfig, saved_vocab: vocab.Vocab | None = None) -> vocab.Splits:
-    documents = sources.load_documents(config.corpus, config.data_dir, config.tfds_data_dir)
+    """The corpus's splits; on a multi-host run every process loads its own copy and all check
+    that they hold the same text (deeprnn.training.hosts)."""
+    documents = hosts.load_on_every_host(
+        sources.parse_spec(config.corpus),
+        lambda: sources.load_documents(config.corpus, config.data_dir, config.tfds_data_dir))
     return vocab.build_splits(documents, config.preprocess, config.split_fractions(),
                               max_tokens=config.max_tokens or None, vocab=saved_vocab)
 

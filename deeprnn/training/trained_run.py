@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -14,12 +15,19 @@ from etils import epath
 from deeprnn.config import RunConfig
 from deeprnn.data import vocab
 from deeprnn.errors import UsageError
+from deeprnn.model.build import build_model
 from deeprnn.model.config import ModelConfig
 from deeprnn.model.generation import generate
 from deeprnn.run.checkpoints import RunCheckpoints
 from deeprnn.run.lifecycle import check_workdir_location
-from deeprnn.training.evaluation import evaluate_ids, scoring_config, single_device_eval_fn
-from deeprnn.training.setup import abstract_training_state, load_splits, model_config_for
+from deeprnn.training.evaluation import evaluate_on_devices, scoring_config
+from deeprnn.training.setup import (
+    abstract_training_state,
+    load_splits,
+    make_devices,
+    model_config_for,
+)
+from deeprnn.training.train_step import eval_step
 
 
 @dataclasses.dataclass
@@ -87,7 +95,12 @@ def score_corpus(workdir: str, corpus: str | None, data_dir: str | None, split: 
     """A trained run's loss, perplexity, bits per character and <unk> rate on one split of a
     corpus (None: its own), with the run's vocabulary; `all` scores the whole text. The split
     is cut with the run's --split fractions; it is read as `eval_batch_size` streams (default
-    the run's, fewer for a text too short for them)."""
+    the run's, fewer for a text too short for them).
+
+    Runs on every device of every process, as training does: on a TPU pod slice every worker
+    runs this under jax.distributed (a TPU slice computes only with all its hosts taking part),
+    and each process gets the same result.
+    """
     run = load_trained_run(workdir)
     config = scoring_config(run.config, corpus, data_dir, split)
     splits = load_splits(config, run.vocab)
@@ -99,9 +112,19 @@ def score_corpus(workdir: str, corpus: str | None, data_dir: str | None, split: 
     wanted = config.eval_batch_size if eval_batch_size is None else eval_batch_size
     if wanted < 1:
         raise UsageError(f"--eval_batch_size must be at least 1, got {wanted}")
-    result = evaluate_ids(single_device_eval_fn(run.model_config), run.model_config, run.params,
-                          ids, num_steps=config.num_steps,
-                          batch_size=min(wanted, len(ids) // 2))
+    devices = make_devices(run.config)
+    # The streams asked for, fewer for a short text (each needs 2 tokens), and a whole number
+    # per device.
+    streams = min(wanted, len(ids) // 2) // devices.num_devices
+    if streams < 1:
+        raise UsageError(f"{config.corpus} has {len(ids)} tokens in its {split} split, too few to "
+                         f"score on {devices.num_devices} devices (needs "
+                         f"{2 * devices.num_devices}); score a larger split, e.g. --split=all")
+    eval_fn = devices.compile_eval(functools.partial(eval_step,
+                                                     apply_fn=build_model(run.model_config).apply))
+    result = evaluate_on_devices(devices, eval_fn, run.model_config, run.params, ids,
+                                 batch_size=streams * devices.num_devices,
+                                 num_steps=config.num_steps)
     unk = float(np.mean(ids == vocab.UNK_ID))
     return {"workdir": workdir, "corpus": config.corpus, "split": split, "step": run.step,
             **result, "unk_rate": unk}

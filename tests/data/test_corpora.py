@@ -68,8 +68,7 @@ def test_gutenberg_stripping_bom_newlines_and_header_fields():
 
 def test_download_is_prepared_as_tfds_array_record_and_never_repeated(tmp_path):
     fetch = Fetcher(BOOK)
-    (doc,) = corpora.load_documents("gutenberg:7", tfds_data_dir=str(tmp_path), fetch=fetch,
-                                    process_index=0)
+    (doc,) = corpora.load_documents("gutenberg:7", tfds_data_dir=str(tmp_path), fetch=fetch)
     assert fetch.urls == ["https://www.gutenberg.org/cache/epub/7/pg7.txt"]
     assert (doc.name, doc.text, doc.author) == ("gutenberg:7", BODY, "Ann Writer")
     stored = files_under(tmp_path)
@@ -77,13 +76,13 @@ def test_download_is_prepared_as_tfds_array_record_and_never_repeated(tmp_path):
     assert any(p.startswith("deeprnn_text/gutenberg_7/1.0.0/") and ".array_record" in p
                for p in stored)
     offline = Fetcher(urllib.error.URLError("no network"))
-    assert corpora.load_documents("gutenberg:7", tfds_data_dir=str(tmp_path), fetch=offline,
-                                  process_index=0) == [doc]
+    assert corpora.load_documents("gutenberg:7", tfds_data_dir=str(tmp_path),
+                                  fetch=offline) == [doc]
     # Without the prepared dataset the cached download is used, again without the network.
     for path in sorted((tmp_path / "deeprnn_text").rglob("*"), reverse=True):
         path.unlink() if path.is_file() else path.rmdir()
-    assert corpora.load_documents("gutenberg:7", tfds_data_dir=str(tmp_path), fetch=offline,
-                                  process_index=0) == [doc]
+    assert corpora.load_documents("gutenberg:7", tfds_data_dir=str(tmp_path),
+                                  fetch=offline) == [doc]
     assert offline.urls == []
 
 
@@ -96,8 +95,7 @@ def test_tfds_dataset_round_trip(tmp_path):
 
 
 def test_pinned_download_verified_and_cached(tmp_path, pinned_source):
-    (doc,) = corpora.load_documents("pinned", tfds_data_dir=str(tmp_path), fetch=Fetcher(PINNED),
-                                    process_index=0)
+    (doc,) = corpora.load_documents("pinned", tfds_data_dir=str(tmp_path), fetch=Fetcher(PINNED))
     assert doc.text == PINNED.decode() and doc.sha256 == pinned_source.sha256
     assert (tmp_path / "downloads/deeprnn/pinned.txt").read_bytes() == PINNED
 
@@ -106,8 +104,7 @@ def test_pinned_download_verified_and_cached(tmp_path, pinned_source):
                                            (b"\xff\xfe bad bytes", "checksum mismatch")])
 def test_corrupted_download_leaves_nothing_in_the_cache(tmp_path, pinned_source, payload, match):
     with pytest.raises(UsageError, match=match):
-        corpora.load_documents("pinned", tfds_data_dir=str(tmp_path), fetch=Fetcher(payload),
-                               process_index=0)
+        corpora.load_documents("pinned", tfds_data_dir=str(tmp_path), fetch=Fetcher(payload))
     assert [p for p in files_under(tmp_path) if not p.startswith("deeprnn_text/")] == []
     assert not any((tmp_path / "deeprnn_text").rglob("*.array_record*"))
 
@@ -115,7 +112,7 @@ def test_corrupted_download_leaves_nothing_in_the_cache(tmp_path, pinned_source,
 def test_unpinned_download_that_is_not_utf8_is_not_cached(tmp_path):
     with pytest.raises(UsageError, match="not UTF-8"):
         corpora.load_documents("gutenberg:9", tfds_data_dir=str(tmp_path),
-                               fetch=Fetcher(b"caf\xe9 latin-1"), process_index=0)
+                               fetch=Fetcher(b"caf\xe9 latin-1"))
     assert not (tmp_path / "downloads/deeprnn/gutenberg_9.txt").exists()
 
 
@@ -140,24 +137,27 @@ def test_mirror_with_a_corrupted_pinned_file(tmp_path, pinned_source):
 def test_no_network_and_no_mirror_says_which_file_to_put_where(tmp_path):
     offline = Fetcher(urllib.error.URLError("no route to host"))
     with pytest.raises(UsageError, match=r"put frankenstein\.txt into a folder given by --data_d"):
-        corpora.load_documents("frankenstein", tfds_data_dir=str(tmp_path), fetch=offline,
-                               process_index=0)
+        corpora.load_documents("frankenstein", tfds_data_dir=str(tmp_path), fetch=offline)
     mirror = tmp_path / "mirror"
     mirror.mkdir()
     with pytest.raises(UsageError, match=rf"put {mirror}/frankenstein\.txt"):
-        corpora.load_documents("frankenstein", str(mirror), str(tmp_path), offline,
-                               process_index=0)
+        corpora.load_documents("frankenstein", str(mirror), str(tmp_path), offline)
 
 
-def test_other_processes_wait_for_process_zero(tmp_path):
-    never = Fetcher(AssertionError("only process 0 downloads"))
-    with pytest.raises(UsageError, match="waited 0.2s for process 0"):
-        corpora.load_documents("gutenberg:7", tfds_data_dir=str(tmp_path), fetch=never,
-                               process_index=1, wait_timeout_s=0.2)
-    first = corpora.load_documents("gutenberg:7", tfds_data_dir=str(tmp_path),
-                                   fetch=Fetcher(BOOK), process_index=0)
-    assert corpora.load_documents("gutenberg:7", tfds_data_dir=str(tmp_path), fetch=never,
-                                  process_index=1, wait_timeout_s=0.2) == first
+def test_a_gs_mirror_is_read_without_network(fake_gcs):
+    fake_gcs.pipe("gs://bucket/corpora/gutenberg_7.txt", BOOK)
+    never = Fetcher(AssertionError("a mirrored text is never downloaded"))
+    (doc,) = corpora.load_documents("gutenberg:7", "gs://bucket/corpora", fetch=never)
+    assert doc.text == BODY and never.urls == []
+    with pytest.raises(UsageError, match="mirror folder gs://bucket/none does not exist"):
+        corpora.load_documents("gutenberg:7", "gs://bucket/none", fetch=never)
+
+
+def test_a_remote_tfds_data_dir_is_refused_naming_a_gs_mirror_instead():
+    with pytest.raises(UsageError, match="--tfds_data_dir=gs://b/tfds must be a local folder;.*"
+                                         "pass it as --data_dir"):
+        corpora.load_documents("gutenberg:7", tfds_data_dir="gs://b/tfds",
+                               fetch=Fetcher(AssertionError("no download expected")))
 
 
 def test_default_fetcher_over_local_http(tmp_path):
@@ -247,7 +247,7 @@ def test_the_time_machine_ships_with_the_package_and_needs_no_network(tmp_path, 
         raise AssertionError(f"tried to download {url}")
 
     (document,) = corpora.load_documents("time_machine", tfds_data_dir=str(tmp_path),
-                                         fetch=no_network, process_index=0)
+                                         fetch=no_network)
     assert document.sha256 == corpora.NAMED_SOURCES["time_machine"].sha256
     assert document.text.startswith("The Time Machine, by H. G. Wells")
     assert list(tmp_path.iterdir()) == []  # nothing downloaded or prepared

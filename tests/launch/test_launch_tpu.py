@@ -1,14 +1,11 @@
-"""The TPU launcher against a fake gcloud.
-
-The fake gcloud is a script placed first on PATH. It checks each subcommand's flags the way
-the real one would need them, keeps TPU states in files, records every call, and reports one
-TPU as PREEMPTED once so that the re-queue path runs.
+"""The TPU launcher's commands against a fake gcloud (tests/launch/fake_gcloud.py, placed first
+on PATH): the gcloud calls each subcommand makes, and the scripts it sends to the workers.
+What `watch` does over time, on fake workers that run those scripts, is test_tpu_watch.py.
 """
 
-import json
 import os
 import shlex
-import sys
+import subprocess
 import tarfile
 
 import pytest
@@ -17,95 +14,6 @@ from deeprnn.errors import UsageError
 from launch import sweep as sweeps
 from launch import tpu
 
-FAKE_GCLOUD = r"""#!{python}
-import json, os, pathlib, sys
-args = sys.argv[1:]
-state_dir = pathlib.Path(os.environ["FAKE_GCLOUD_STATE"])
-with open(state_dir / "calls.jsonl", "a") as f:
-    f.write(json.dumps(args) + "\n")
-flags = {{a.split("=", 1)[0]: a.split("=", 1)[1] if "=" in a else True
-         for a in args if a.startswith("--")}}
-words = [a for a in args if not a.startswith("--")]
-
-def fail(message, code=2):
-    print("fake gcloud: " + message, file=sys.stderr)
-    sys.exit(code)
-
-def need(*names):
-    missing = [n for n in names if n not in flags]
-    if missing:
-        fail("missing " + " ".join(missing))
-
-def tpu_file(name):
-    return state_dir / ("tpu-" + name)
-
-if words[:3] == ["compute", "tpus", "queued-resources"]:
-    verb, name = words[3], words[4]
-    need("--zone")
-    if verb == "create":
-        need("--node-id", "--accelerator-type", "--runtime-version")
-        if flags["--node-id"] != name or tpu_file(name).exists():
-            fail("bad node id or already exists")
-        tpu_file(name).write_text("ACTIVE")
-    elif verb == "describe":
-        need("--format")
-        if not tpu_file(name).exists():
-            fail("NOT_FOUND: " + name, 1)
-        state = tpu_file(name).read_text()
-        preempt = state_dir / ("preempt-" + name)
-        if preempt.exists():  # preempted once: SUSPENDED until deleted and created again
-            preempt.unlink()
-            state = "SUSPENDED"
-            tpu_file(name).write_text(state)
-        print(state)
-    elif verb == "delete":
-        need("--force", "--quiet")
-        tpu_file(name).unlink()
-    else:
-        fail("unexpected " + verb)
-elif words[:3] == ["compute", "tpus", "tpu-vm"]:
-    verb, name = words[3], words[4]
-    need("--zone", "--worker")
-    if flags["--worker"] != "all":
-        fail("--worker must be all")
-    if verb == "ssh":
-        need("--command")
-        if tpu_file(name).read_text() != "ACTIVE":
-            fail("ssh to a TPU that is not ACTIVE")
-    elif verb == "scp":
-        source, target = words[4], words[5]
-        name = target.split(":")[0]
-        if not (pathlib.Path(source).is_file() and tpu_file(name).read_text() == "ACTIVE"):
-            fail("scp needs a file and an ACTIVE TPU")
-    else:
-        fail("unexpected " + verb)
-elif words[:2] == ["storage", "cat"]:
-    fail("no such object " + words[2], 1)
-else:
-    fail("unexpected command " + " ".join(words), 3)
-"""
-
-
-@pytest.fixture
-def fake_gcloud(tmp_path, monkeypatch):
-    bin_dir, state_dir = tmp_path / "bin", tmp_path / "gcloud_state"
-    bin_dir.mkdir()
-    state_dir.mkdir()
-    script = bin_dir / "gcloud"
-    script.write_text(FAKE_GCLOUD.format(python=sys.executable))
-    script.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("FAKE_GCLOUD_STATE", str(state_dir))
-
-    def calls():
-        path = state_dir / "calls.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-    def preempt(name):
-        (state_dir / f"preempt-{name}").write_text("")
-
-    return calls, preempt
-
 
 def tpu_main(command, sweep_path, *extra):
     return tpu.main([command, f"--sweep={sweep_path}", "--bucket=gs://bkt/sweeps",
@@ -113,35 +21,37 @@ def tpu_main(command, sweep_path, *extra):
 
 
 def test_tpu_up_run_status_down_against_fake_gcloud(tiny_sweep, fake_gcloud, capsys):
-    calls, _ = fake_gcloud
+    calls = fake_gcloud.calls
     sweep_path, flagfile = tiny_sweep
     tpu_main("up", sweep_path)
     assert calls() == [
         ["compute", "tpus", "queued-resources", "create", f"deeprnn-tiny-{run}",
          f"--node-id=deeprnn-tiny-{run}", "--zone=us-central2-b", "--project=proj",
-         "--accelerator-type=v4-8", "--runtime-version=tpu-ubuntu2204-base", "--spot"]
+         "--accelerator-type=v4-8", "--runtime-version=tpu-ubuntu2204-base",
+         f"--scopes={tpu.CLOUD_PLATFORM_SCOPE}", "--spot"]
         for run in ("small", "deep")]
 
     tpu_main("run", sweep_path, "--", "--num_train_steps=9")
     run_calls = calls()[2:]
     verbs = [" ".join(c[:4] if c[0] == "compute" else c[:2]) for c in run_calls]
-    assert verbs == 2 * ["compute tpus queued-resources describe", "storage cat",
+    # Per run: its TPU's state, summary.json, no launch_failed.json, the code, install, start.
+    assert verbs == 2 * ["compute tpus queued-resources describe", "storage cat", "storage cat",
                          "compute tpus tpu-vm scp", "compute tpus tpu-vm ssh",
                          "compute tpus tpu-vm ssh"]
-    with tarfile.open(run_calls[2][4]) as tar:  # the working tree travels to the workers
+    with tarfile.open(run_calls[3][4]) as tar:  # the working tree travels to the workers
         assert {"launch/tpu.py", "deeprnn/report.py"} <= set(tar.getnames())
-    install, start = run_calls[8][-1], run_calls[9][-1]
+    install, start = run_calls[10][-1], run_calls[11][-1]
     assert install.startswith("--command=set -e;") and "-e \".[tpu,gcs]\"" in install
     assert "flock -n" in start and ">> ~/deeprnn-runs/deep.log" in start
     # The remote script: train with the flagfile and a gs:// workdir, then the other corpus.
-    inner = shlex.split(start.split("bash -c ", 1)[1])[0]
-    assert inner == (
-        f"set -o pipefail; $HOME/venv/bin/python -m deeprnn.train --flagfile={flagfile} "
+    inner = shlex.split(start.split("bash -c ", 1)[1])[0].split("; ")
+    assert inner[inner.index("set -o pipefail") + 1] == (
+        f"$HOME/venv/bin/python -m deeprnn.train --flagfile={flagfile} "
         "--workdir=gs://bkt/sweeps/tiny/deep --cell=lstm --num_layers=3 --num_train_steps=9 "
         "--multihost && "
         "$HOME/venv/bin/python -m deeprnn.evaluate --workdir=gs://bkt/sweeps/tiny/deep "
-        "--corpus=war_and_peace --split=test | gcloud storage cp - "
-        "gs://bkt/sweeps/tiny/deep/eval/war_and_peace-test.json")
+        "--corpus=war_and_peace --split=test --multihost "
+        "--output=gs://bkt/sweeps/tiny/deep/eval/war_and_peace-test.json")
     assert "tensorboard --logdir=gs://bkt/sweeps/tiny" in capsys.readouterr().out
 
     tpu_main("status", sweep_path)
@@ -158,7 +68,7 @@ def test_tpu_up_run_status_down_against_fake_gcloud(tiny_sweep, fake_gcloud, cap
 
 def test_tpu_requeue_recreates_a_preempted_spot_tpu_and_run_restarts_it(
         tiny_sweep, fake_gcloud, capsys):
-    calls, preempt = fake_gcloud
+    calls, preempt = fake_gcloud.calls, fake_gcloud.preempt
     sweep_path, _ = tiny_sweep
     tpu_main("up", sweep_path)
     preempt("deeprnn-tiny-deep")
@@ -169,6 +79,7 @@ def test_tpu_requeue_recreates_a_preempted_spot_tpu_and_run_restarts_it(
         ["compute", "tpus", "queued-resources", "describe", "deeprnn-tiny-small"],
         ["compute", "tpus", "queued-resources", "describe", "deeprnn-tiny-deep"],
         ["storage", "cat", "gs://bkt/sweeps/tiny/deep/summary.json"],
+        ["storage", "cat", "gs://bkt/sweeps/tiny/deep/launch_failed.json"],
         ["compute", "tpus", "queued-resources", "delete", "deeprnn-tiny-deep"],
         ["compute", "tpus", "queued-resources", "create", "deeprnn-tiny-deep"],
     ]
@@ -181,7 +92,7 @@ def test_tpu_requeue_recreates_a_preempted_spot_tpu_and_run_restarts_it(
 
 
 def test_tpu_watch_requeues_and_starts_each_run_once_per_tpu(tiny_sweep, fake_gcloud):
-    calls, preempt = fake_gcloud
+    calls, preempt = fake_gcloud.calls, fake_gcloud.preempt
     sweep_path, _ = tiny_sweep
     tpu_main("up", sweep_path, "--runs=deep")
     preempt("deeprnn-tiny-deep")
@@ -195,12 +106,13 @@ def test_tpu_watch_requeues_and_starts_each_run_once_per_tpu(tiny_sweep, fake_gc
 
 
 def test_tpu_dry_run_prints_every_command_and_runs_none(fake_gcloud, capsys):
-    calls, _ = fake_gcloud
+    calls = fake_gcloud.calls
     tpu.main(["up", "--sweep=depth_cell", "--bucket=gs://bkt", "--zone=z", "--no_queue",
               "--dry_run", "--runs=lstm_l2"])
     assert capsys.readouterr().out.splitlines() == [
         "gcloud compute tpus tpu-vm create deeprnn-depth-cell-lstm-l2 --zone=z "
-        "--accelerator-type=v4-8 --version=tpu-ubuntu2204-base"]
+        "--accelerator-type=v4-8 --version=tpu-ubuntu2204-base "
+        "--scopes=https://www.googleapis.com/auth/cloud-platform"]
     tpu.main(["run", "--sweep=depth_cell", "--bucket=gs://bkt", "--zone=z", "--dry_run",
               "--repo_url=https://example.com/deeprnn.git", "--ref=abc123"])
     lines = capsys.readouterr().out.splitlines()
@@ -213,6 +125,61 @@ def test_tpu_dry_run_prints_every_command_and_runs_none(fake_gcloud, capsys):
     assert "--workdir=gs://bkt/depth_cell/gru_l4 --corpus=time_machine --cell=gru " \
            "--num_layers=4" in "\n".join(lines)
     assert calls() == []
+
+
+@pytest.mark.parametrize("accelerator,image", [
+    ("v4-8", "tpu-ubuntu2204-base"), ("v4-32", "tpu-ubuntu2204-base"),
+    ("v5litepod-16", "v2-alpha-tpuv5-lite"), ("v5p-8", "v2-alpha-tpuv5"),
+    ("v6e-8", "v2-alpha-tpuv6e")])
+def test_runtime_version_follows_the_accelerator_type(accelerator, image, capsys):
+    tpu.main(["up", "--sweep=depth_cell", "--bucket=gs://bkt", "--zone=z", "--dry_run",
+              "--runs=lstm_l2", f"--accelerator_type={accelerator}"])
+    assert f"--accelerator-type={accelerator} --runtime-version={image}" in capsys.readouterr().out
+    tpu.main(["up", "--sweep=depth_cell", "--bucket=gs://bkt", "--zone=z", "--dry_run",
+              "--runs=lstm_l2", f"--accelerator_type={accelerator}", "--runtime_version=mine"])
+    assert "--runtime-version=mine" in capsys.readouterr().out  # given: used as is
+
+
+@pytest.mark.parametrize("queue", [[], ["--no_queue"]])
+def test_a_service_account_and_the_cloud_platform_scope_reach_the_tpu(queue, capsys):
+    tpu.main(["up", "--sweep=depth_cell", "--bucket=gs://bkt", "--zone=z", "--dry_run",
+              "--runs=lstm_l2", "--service_account=runs@proj.iam.gserviceaccount.com", *queue])
+    create = shlex.split(capsys.readouterr().out)
+    assert "--service-account=runs@proj.iam.gserviceaccount.com" in create
+    assert "--scopes=https://www.googleapis.com/auth/cloud-platform" in create
+
+
+def test_an_unknown_accelerator_type_asks_for_a_runtime_version():
+    with pytest.raises(UsageError, match="no known TPU software version for "
+                                         "--accelerator_type=v9x-8.*give --runtime_version"):
+        tpu.main(["up", "--sweep=depth_cell", "--bucket=gs://bkt", "--zone=z", "--dry_run",
+                  "--accelerator_type=v9x-8"])
+
+
+def remote_commands(dry_run_output: str) -> list[str]:
+    """The --command of every `tpu-vm ssh` a dry run printed."""
+    return [arg.removeprefix("--command=") for line in dry_run_output.splitlines()
+            if " tpu-vm ssh " in line for arg in shlex.split(line)
+            if arg.startswith("--command=")]
+
+
+@pytest.mark.parametrize("venv_python,made_again", [("3.11", True), ("3.12", False)])
+def test_workers_get_python_3_12_and_a_venv_of_another_python_is_made_again(
+        tmp_path, capsys, venv_python, made_again):
+    tpu.main(["run", "--sweep=depth_cell", "--bucket=gs://bkt", "--zone=z", "--dry_run",
+              "--runs=lstm_l2"])
+    install = remote_commands(capsys.readouterr().out)[0]
+    step = next(s for s in install.split("; ") if "uv venv" in s)
+    assert step.endswith("uv venv -q --clear --python 3.12 $HOME/venv")
+    # The step itself, on a worker whose venv holds Python `venv_python`.
+    (tmp_path / "venv/bin").mkdir(parents=True)
+    (tmp_path / ".local/bin").mkdir(parents=True)
+    for path, body in ((tmp_path / "venv/bin/python", f"echo Python {venv_python}.7"),
+                       (tmp_path / ".local/bin/uv", f'echo "$@" > {tmp_path}/uv_args')):
+        path.write_text(f"#!/bin/sh\n{body}\n")
+        path.chmod(0o755)
+    subprocess.run(["bash", "-c", step], env={**os.environ, "HOME": str(tmp_path)}, check=True)
+    assert (tmp_path / "uv_args").exists() == made_again
 
 
 def test_runs_that_would_share_a_tpu_name_are_refused(tmp_path):
@@ -240,3 +207,13 @@ def test_launch_readme_names_every_tpu_command():
     for command in tpu.COMMANDS:
         assert f"python -m launch.tpu {command}" in readme, command
     assert "python -m launch.local" in readme
+
+
+def test_a_local_data_dir_is_refused_and_a_gs_one_reaches_every_run(capsys):
+    common = ["run", "--sweep=depth_cell", "--bucket=gs://bkt", "--zone=z", "--dry_run",
+              "--runs=lstm_l2"]
+    with pytest.raises(UsageError, match="--data_dir=../shared/corpora is a folder on this "
+                                         "machine, which the TPU workers cannot read"):
+        tpu.main([*common, "--data_dir=../shared/corpora"])
+    tpu.main([*common, "--data_dir=gs://bkt/corpora"])
+    assert "--data_dir=gs://bkt/corpora" in remote_commands(capsys.readouterr().out)[-1]

@@ -12,8 +12,6 @@ import time
 import urllib.request
 
 import pytest
-from etils.epath import backend as epath_backend
-from fsspec.implementations.memory import MemoryFileSystem
 from tensorboard.backend.event_processing import plugin_event_accumulator
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -171,23 +169,8 @@ def test_missing_or_corrupt_files_are_clear_errors(tmp_path):
         read_metrics(str(tmp_path))
 
 
-class FakeGCS(MemoryFileSystem):
-    """An in-memory stand-in for gcsfs: object writes only, no appends, no real folders."""
-
-    protocol = ("gs", "gcs")
-    root_marker = ""
-
-    def open(self, path, mode="rb", **kwargs):
-        assert "a" not in mode, "GCS objects cannot be appended to"
-        return super().open(path, mode, **kwargs)
-
-
-def test_gcs_workdir_through_epath(tmp_path, monkeypatch):
-    fake = FakeGCS(skip_instance_cache=True)
-    fake.store, fake.pseudo_dirs = {}, [""]  # MemoryFileSystem shares these class-wide
-    monkeypatch.setattr(
-        epath_backend._FileSystemSpecBackend, "_get_filesystem", lambda self, name: fake
-    )
+def test_gcs_workdir_through_epath(tmp_path, fake_gcs):
+    fake = fake_gcs
     workdir = "gs://bucket/sweep/run"
     with RunWriter(workdir) as writer:
         writer.scalars(1, {"train/loss": 3.0})

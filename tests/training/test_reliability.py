@@ -160,7 +160,7 @@ def test_sigterm_from_outside_checkpoints_and_exits_75_within_seconds(text_file,
     assert load_trained_run(str(tmp_path)).step == step
 
 
-def test_lock_left_by_a_dead_process_does_not_block(tmp_path, caplog):
+def test_lock_left_by_a_dead_process_does_not_block(tmp_path, caplog, fake_gcs):
     holder = subprocess.run(
         [sys.executable, "-c", "import sys; from deeprnn.run.lifecycle import WorkdirLock; "
          "WorkdirLock(sys.argv[1]).acquire(); print('held')", str(tmp_path)],
@@ -174,6 +174,27 @@ def test_lock_left_by_a_dead_process_does_not_block(tmp_path, caplog):
     # GCS has no lock that a killed run releases: none is taken, and the log says so.
     lifecycle.WorkdirLock("gs://bucket/run").acquire().release()
     assert "gs://bucket/run is remote: no workdir lock" in caplog.text
+    assert fake_gcs.find("gs://bucket") == []  # its write check left nothing behind
+
+
+def test_an_unwritable_gcs_workdir_stops_the_run_before_training(text_file, fake_gcs,
+                                                                   monkeypatch):
+    """A TPU VM whose service account or scopes cannot write the bucket: one line naming the
+    bucket and the fix, before any step (not at the first checkpoint, after the work)."""
+    def refuse(*args, **kwargs):
+        raise PermissionError("403 POST https://storage.googleapis.com/upload: "
+                              "sa@p.iam.gserviceaccount.com does not have "
+                              "storage.objects.create access\nto the bucket")
+    monkeypatch.setattr(fake_gcs, "open", refuse)
+    monkeypatch.setattr(fake_gcs, "pipe_file", refuse)
+    trained = []
+    monkeypatch.setattr("deeprnn.training.loop.Trainer.run", lambda self: trained.append(1))
+    with pytest.raises(UsageError) as refused:
+        run(tiny_argv(text_file, "gs://bkt/sweep/run"))
+    message = str(refused.value)
+    assert message.startswith("cannot write to --workdir=gs://bkt/sweep/run (403 POST ")
+    assert "write access to bucket bkt" in message and "--service_account=" in message
+    assert "\n" not in message and trained == []
 
 
 def test_non_finite_stops_naming_step_metric_and_last_good_checkpoint(text_file, tmp_path):

@@ -1,0 +1,74 @@
+"""The fake gcloud of the TPU launcher tests (fake_gcloud.py), and its test hooks."""
+
+import json
+import os
+import pathlib
+import signal
+import sys
+
+import pytest
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+class FakeGcloud:
+    """Hooks into the fake gcloud's state folder; see fake_gcloud.py for what each does."""
+
+    def __init__(self, state_dir: pathlib.Path, monkeypatch):
+        self.state_dir, self.monkeypatch = state_dir, monkeypatch
+
+    def calls(self) -> list[list[str]]:
+        path = self.state_dir / "calls.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def preempt(self, name: str) -> None:
+        (self.state_dir / f"preempt-{name}").write_text("")
+
+    def fail(self, verb: str, code: int, stderr: str, times: int = 1, match: str = "") -> None:
+        path = self.state_dir / "fail.json"
+        plans = json.loads(path.read_text()) if path.exists() else []
+        path.write_text(json.dumps([*plans, {"verb": verb, "code": code, "stderr": stderr,
+                                             "times": times, "match": match}]))
+
+    def workers(self, count: int) -> None:
+        """From now on, ssh commands run on `count` fake workers per TPU."""
+        self.monkeypatch.setenv("FAKE_GCLOUD_WORKERS", str(count))
+
+    def behave(self, run: str, *outcomes: str) -> None:
+        (self.state_dir / "behaviour").mkdir(exist_ok=True)
+        (self.state_dir / "behaviour" / f"{run}.json").write_text(json.dumps(outcomes))
+
+    def release(self, run: str) -> None:
+        (self.state_dir / f"release-{run}").write_text("")
+
+    def gcs(self, url: str) -> pathlib.Path:
+        return self.state_dir / "gcs" / url.removeprefix("gs://")
+
+    def tpus(self) -> set[str]:
+        return {p.name.removeprefix("tpu-") for p in self.state_dir.glob("tpu-*")}
+
+    def worker_file(self, tpu: str, worker: int, name: str) -> pathlib.Path:
+        return self.state_dir / "workers" / tpu / str(worker) / "deeprnn-runs" / name
+
+    def end_runs(self) -> None:
+        """Kills what fake workers still run (a hung run), by the process groups they recorded."""
+        for pgid_file in self.state_dir.glob("workers/*/*/deeprnn-runs/*.pgid"):
+            try:
+                os.killpg(int(pgid_file.read_text()), signal.SIGKILL)
+            except (ValueError, ProcessLookupError, PermissionError):
+                pass
+
+
+@pytest.fixture
+def fake_gcloud(tmp_path, monkeypatch):
+    bin_dir, state_dir = tmp_path / "bin", tmp_path / "gcloud_state"
+    bin_dir.mkdir()
+    state_dir.mkdir()
+    script = bin_dir / "gcloud"
+    script.write_text(f'#!/bin/sh\nexec {sys.executable} {HERE / "fake_gcloud.py"} "$@"\n')
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_GCLOUD_STATE", str(state_dir))
+    fake = FakeGcloud(state_dir, monkeypatch)
+    yield fake
+    fake.end_runs()
