@@ -7,6 +7,14 @@ Each one is read, in order of preference, from
   3. a download from the canonical source, checksum-verified where pinned, cached under
      `<tfds_data_dir>/downloads/deeprnn/` (never repeated) and prepared as that dataset.
 On a multi-host run only process 0 downloads and prepares; the others wait for its dataset.
+
+The benchmarks text8 and enwik8 (deeprnn/data/benchmarks.py) come as zips of 10^8 bytes and
+take another path: `<data_dir>/<name>.zip`, else the unzipped `<data_dir>/<name>` (Mahoney's
+file names), else the verified zip in the download cache, else a download (cached as that zip).
+They skip TFDS: a prepared dataset would hold the 100 MB text as one record (written as a
+string feature, serialised, written, read back and decoded: several whole copies in memory),
+where the cached zip is a third of its size and unzips in about a second. Every process of a
+multi-host run loads its own copy (atomic writes keep a shared cache whole).
 `python -m deeprnn.corpora` prints what a spec loads to.
 """
 
@@ -20,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from deeprnn.data import benchmarks
 from deeprnn.errors import UsageError
 
 DATA_DIR_ENV = "DEEPRNN_DATA_DIR"
@@ -32,7 +41,8 @@ class Document:
     text: str  # Gutenberg boilerplate stripped, BOM gone, newlines as "\n"
     author: str
     title: str
-    sha256: str  # of the source bytes as read or downloaded
+    sha256: str  # of the source bytes as read or downloaded (a benchmark's: of its member)
+    split_at: tuple[int, int] | None = None  # a benchmark's standard cut (train|validation|test)
 
 
 @dataclass(frozen=True)
@@ -48,6 +58,7 @@ class Source:
     # Gutenberg sources are not pinned: their sha256 is recorded, not checked.
     sha256: str | None = None
     sha1: str | None = None
+    archive: benchmarks.Archive | None = None  # text8, enwik8: a zip of one checked member
 
     @property
     def file_stem(self) -> str:  # mirror file name, cache file name, TFDS config name
@@ -70,6 +81,18 @@ NAMED_SOURCES = {s.name: s for s in (
     _gutenberg("frankenstein", 84, "Mary Shelley", "Frankenstein"),
     _gutenberg("pride_and_prejudice", 1342, "Jane Austen", "Pride and Prejudice"),
     _gutenberg("war_and_peace", 2600, "Leo Tolstoy", "War and Peace"),
+    # Mahoney's zips. enwik8.zip's sha256 and size (36,445,475 bytes) are those that
+    # huggingface/datasets pins for this URL (datasets/enwik8/dataset_infos.json). text8.zip's
+    # could not be checked against an independent record here, so it is not pinned (as
+    # Gutenberg's are not); its member's structure is checked instead, every time: exactly
+    # 10^8 characters, only a-z and space (benchmarks.check_member).
+    Source("text8", "http://mattmahoney.net/dc/text8.zip", "Wikipedia contributors",
+           "text8 (10^8 characters of English Wikipedia, cleaned to a-z and space)",
+           archive=benchmarks.TEXT8),
+    Source("enwik8", "http://mattmahoney.net/dc/enwik8.zip", "Wikipedia contributors",
+           "enwik8 (the first 10^8 bytes of an English Wikipedia XML dump)",
+           sha256="547994d9980ebed1288380d652999f38a14fe291a6247c157c3d33d4932534bc",
+           archive=benchmarks.ENWIK8),
 )}
 
 _START = re.compile(r"^\*\*\*\s*START OF.*$", re.MULTILINE | re.IGNORECASE)
@@ -194,6 +217,50 @@ def _download(source: Source, cache: Path, fetch: Callable[[str], bytes],
     return document
 
 
+def _archive_document(source: Source, zip_data: bytes, where: str, fix: str) -> Document:
+    verify_checksums(source, zip_data, where, fix)  # the zip's, where pinned
+    return _member_document(source, benchmarks.member_of_zip(zip_data, source.archive, where,
+                                                             fix))
+
+
+def _member_document(source: Source, member: bytes) -> Document:
+    text, digest = benchmarks.member_text(member)
+    return Document(source.name, text, source.author, source.title, digest,
+                    split_at=source.archive.split_at)
+
+
+def _load_archive(source: Source, mirror: str | None, tfds_data_dir: str | None,
+                  fetch: Callable[[str], bytes]) -> Document:
+    """A benchmark (text8, enwik8) from its first copy found (see the module docstring)."""
+    member = source.archive.member
+    if mirror:
+        zipped, unzipped = Path(mirror) / f"{source.file_stem}.zip", Path(mirror) / member
+        if zipped.is_file():
+            return _archive_document(source, _read_file(zipped), str(zipped),
+                                     f"replace it with {source.url}")
+        if unzipped.is_file():
+            data = _read_file(unzipped)
+            benchmarks.check_member(data, source.archive, str(unzipped),
+                                    f"replace it with {member} from {source.url}")
+            return _member_document(source, data)
+    cache = Path(tfds_data_dir or _default_tfds_data_dir()) / "downloads" / "deeprnn"
+    cached = cache / f"{source.file_stem}.zip"
+    if cached.is_file():
+        return _archive_document(source, _read_file(cached), str(cached),
+                                 f"delete {cached} to download it again")
+    put = (f"{Path(mirror) / source.file_stem}.zip" if mirror else f"{source.file_stem}.zip "
+           f"into a folder given by --data_dir or ${DATA_DIR_ENV}")
+    try:
+        data = fetch(source.url)
+    except Exception as e:  # any fetcher failure means the same thing: no copy of the text
+        raise UsageError(f"cannot download {source.name} from {source.url} ({e}); without"
+                         f" network, put {put} (or the unzipped {member})") from e
+    document = _archive_document(source, data, source.url,
+                                 "the download is corrupt; nothing was cached")
+    _write_atomically(cached, data)  # only after every check passed
+    return document
+
+
 def _load_through_tfds(source: Source, mirror: str | None, tfds_data_dir: str | None,
                        fetch: Callable[[str], bytes], process_index: int,
                        wait_timeout_s: float) -> Document:
@@ -238,6 +305,9 @@ def load_documents(spec: str, data_dir: str | None = None, tfds_data_dir: str | 
                                                  fallback_title=path.stem))
             continue
         source = resolve_source(entry)
+        if source.archive is not None:
+            documents.append(_load_archive(source, mirror, tfds_data_dir, fetch or fetch_url))
+            continue
         mirrored = Path(mirror) / f"{source.file_stem}.txt" if mirror else None
         if mirrored is not None and mirrored.is_file():
             data = _read_file(mirrored)
