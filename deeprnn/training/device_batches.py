@@ -48,7 +48,7 @@ def token_array(ids, num_steps: int) -> np.ndarray:
         raise UsageError(f"the training text has {len(ids):,} tokens, more than int32 window "
                          "indices reach on the device; train on a shorter text (fewer or "
                          "smaller corpora, or --max_tokens)")
-    return ids.astype(np.int32)
+    return np.asarray(ids, dtype=np.int32)  # no copy of int32 ids (360 MB for text8's train)
 
 
 def on_device_windows(train_steps_fn: Callable, num_steps: int) -> Callable:
