@@ -207,3 +207,23 @@ def test_archive_checks_directly():
     text, digest = benchmarks.member_text(bytes([0, 200, 255, 10]))
     assert [ord(c) for c in text] == [0, 200, 255, 10]
     assert digest == hashlib.sha256(bytes([0, 200, 255, 10])).hexdigest()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["text8", "enwik8"])
+def test_the_benchmark_flagfiles_train_and_score_bits_per_character(
+        name, tmp_path, small_benchmarks, monkeypatch, quick_compile):
+    """The experiments' flagfiles on the small archives, shrunk to two steps: the standard
+    split reaches validation and test, scored in bits per character."""
+    from tests.helpers import REPO, run
+
+    monkeypatch.chdir(REPO)  # text8_lstm.flags names enwik8_lstm.flags from the repository root
+    mirror = mirror_with(tmp_path, **{f"{name}_zip": ZIPS[name]})
+    summary = run([f"--flagfile=experiments/{name}_lstm.flags", f"--data_dir={mirror}",
+                   "--num_hiddens=8", "--num_train_steps=2", "--batch_size=4", "--num_steps=8",
+                   "--eval_batch_size=2", "--sample_length=5", f"--workdir={tmp_path / 'run'}"])
+    final = summary["final"]
+    assert final["validation/tokens"] == final["test/tokens"] == 150 - 2
+    assert 0 < final["test/bits_per_char"] < 9  # under 8 bits a byte, give or take the <unk>
+    assert [d["characters_per_split"] for d in summary["corpus"]["documents"]] == [
+        {"train": 2700, "validation": 150, "test": 150}]
