@@ -147,10 +147,12 @@ RESUME_KEYS = ("corpus", "preprocess", "split", "max_tokens", "sampler", "batch_
 
 _HELP = {
     "corpus": "Corpus spec: names (time_machine, war_of_the_worlds, frankenstein, "
-              "pride_and_prejudice, war_and_peace, tiny_shakespeare), gutenberg:<id> or "
-              "file:<path>, comma-separated to train on several.",
-    "data_dir": "Folder of raw <name>.txt files read before any download (read-only; local "
-                "or gs://, e.g. for the workers of a TPU pod slice). Default: "
+              "pride_and_prejudice, war_and_peace, tiny_shakespeare; the benchmarks text8 and "
+              "enwik8, with their standard 90M/5M/5M split and --preprocess=raw), "
+              "gutenberg:<id> or file:<path>, comma-separated to train on several.",
+    "data_dir": "Folder of raw <name>.txt files (and text8.zip, enwik8.zip or the unzipped "
+                "text8, enwik8) read before any download (read-only; local, or gs:// for the "
+                "named texts, e.g. for the workers of a TPU pod slice). Default: "
                 "$DEEPRNN_DATA_DIR.",
     "tfds_data_dir": "Local folder where TFDS keeps downloads and prepared datasets (default "
                      "TFDS's); each host of a multi-host run prepares its own copy.",

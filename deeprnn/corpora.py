@@ -21,7 +21,8 @@ def define_flags() -> None:
     """Defined only when run as a program, so that importing this module adds no flags."""
     flags.DEFINE_string("corpus", "time_machine", "Corpus spec: comma-separated names ("
                         + ", ".join(sources.NAMED_SOURCES) + "), gutenberg:<id>, file:<path>.")
-    flags.DEFINE_string("data_dir", None, f"Read-only mirror of <name>.txt files (default"
+    flags.DEFINE_string("data_dir", None, f"Read-only mirror of <name>.txt files, and of"
+                        f" text8.zip/enwik8.zip or the unzipped text8/enwik8 (default"
                         f" ${sources.DATA_DIR_ENV}); used first, without network.")
     flags.DEFINE_string("tfds_data_dir", None, "TFDS folder for downloads and prepared datasets"
                         " (default $TFDS_DATA_DIR or ~/tensorflow_datasets).")

@@ -17,6 +17,7 @@ N processes, each with its own rows, together produce exactly what one process w
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -166,15 +167,22 @@ def make_sampler(kind: str, ids, batch_size: int, num_steps: int, seed: int,
     return samplers[kind](ids, batch_size, num_steps, seed, rows)
 
 
-def eval_batches(ids, batch_size: int,
-                 num_steps: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """The whole split once, as batch_size contiguous streams (the first n % B streams one token
-    longer); yields x, y int32 and mask float32 [B, T]. The RNN state carries across the
-    yielded batches; a stream that ends early is padded with mask 0. Every token but the first
-    of each stream is scored once: the mask sums to len(ids) - batch_size."""
+@dataclass(frozen=True)
+class EvalStreams:
+    """How evaluation reads a split of `length` tokens: as `batch_size` contiguous streams (the
+    first length % B one token longer) whose RNN state carries from one window of num_steps to
+    the next; every token but the first of each stream is scored once."""
+
+    starts: np.ndarray  # int64 [B]: each stream's first token
+    targets: np.ndarray  # int64 [B]: tokens scored in each stream (its length - 1)
+    num_windows: int  # windows of num_steps that cover the longest stream
+
+
+def eval_streams(length: int, batch_size: int, num_steps: int) -> EvalStreams:
+    """The streams of an evaluation over `length` tokens: O(B) numbers, whatever the length
+    (the windows are cut on the device, deeprnn.training.device_batches.eval_windows)."""
     _check_positive(eval_batch_size=batch_size, num_steps=num_steps)
-    ids = _token_array(ids)
-    n, b, t = len(ids), int(batch_size), int(num_steps)
+    n, b, t = int(length), int(batch_size), int(num_steps)
     if n < 2 * b:
         lower = " lower --eval_batch_size or" if b > 1 else ""
         raise UsageError(f"the evaluation text has {n} tokens, too short for eval batch_size={b}"
@@ -182,20 +190,28 @@ def eval_batches(ids, batch_size: int,
                          "larger held-out split")
     lengths = np.full(b, n // b)
     lengths[: n % b] += 1
-    stream_starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     targets = lengths - 1
-    num_batches = -(-int(targets.max()) // t)
-    column = np.arange(num_batches * t)
-    scored = column[None, :] < targets[:, None]
-    position = np.where(scored, stream_starts[:, None] + column[None, :], 0)
-    x = np.where(scored, ids[position], 0).astype(np.int32)
-    y = np.where(scored, ids[position + 1], 0).astype(np.int32)
-    mask = scored.astype(np.float32)
+    return EvalStreams(starts, targets, -(-int(targets.max()) // t))
+
+
+def eval_batches(ids, batch_size: int,
+                 num_steps: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The windows of eval_streams on the host, one at a time: x, y int32 and mask float32
+    [B, T]; a stream that ends early is padded with mask 0, so the mask sums to
+    len(ids) - batch_size over all windows. What the device cuts in eval_windows, written out
+    for reading and for the tests that hold that to it (evaluation itself never builds them)."""
+    ids = _token_array(ids)
+    streams = eval_streams(len(ids), batch_size, num_steps)
+    t = int(num_steps)
 
     def generate():
-        for i in range(num_batches):
-            cut = slice(i * t, (i + 1) * t)
-            yield (np.ascontiguousarray(x[:, cut]), np.ascontiguousarray(y[:, cut]),
-                   np.ascontiguousarray(mask[:, cut]))
+        for window in range(streams.num_windows):
+            column = window * t + np.arange(t)
+            scored = column[None, :] < streams.targets[:, None]
+            position = np.where(scored, streams.starts[:, None] + column[None, :], 0)
+            yield (np.where(scored, ids[position], 0).astype(np.int32),
+                   np.where(scored, ids[position + 1], 0).astype(np.int32),
+                   scored.astype(np.float32))
 
     return generate()

@@ -12,7 +12,8 @@ TFDS writes into an `incomplete.*` folder and renames it when done (and deletes 
 so a prepared dataset is either complete or absent.
 
 Imported lazily by deeprnn.data.sources, only when a corpus is not in the mirror: the GPU machines
-have no tensorflow-datasets, and reading the mirror must not need it.
+have no tensorflow-datasets, and reading the mirror must not need it. The 10^8-byte benchmarks
+(text8, enwik8) never come here: their verified zip is their cache (sources.py says why).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Training steps whose batches are cut on the device from a resident token array.
+"""Training steps and evaluation windows cut on the device from a resident token array.
 
 At the d2l shape a step is short (about 1 ms on a GPU), so per-call dispatch and host
 transfers cost as much as the step itself. `train_step.train_steps` already runs several
@@ -8,10 +8,17 @@ sampler's (seed, step), so S * B integers cross from the host per call instead o
 and the host does no per-step slicing. The training program (through parallel.py and
 seeds.py) and the benchmark's `fused` rows both run this way, so the benchmark times the
 step that training runs.
+
+Evaluation reads a whole held-out split (5M characters for text8 and enwik8) once, window after
+window with the RNN state carried. `eval_windows` scores K consecutive windows in one call (a
+lax.scan), cutting each window from the split's ids resident on the device: the host sends a
+few window numbers per call and never builds [B, T] arrays of the split, so its memory does not
+grow with the split, and the device holds one window's activations at a time.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -22,6 +29,8 @@ import optax
 
 from deeprnn.errors import UsageError
 from deeprnn.training.train_step import train_steps
+
+METRIC_SUMS = ("loss_sum", "tokens")
 
 
 def gather_windows(ids, starts, num_steps: int):
@@ -39,7 +48,7 @@ def token_array(ids, num_steps: int) -> np.ndarray:
         raise UsageError(f"the training text has {len(ids):,} tokens, more than int32 window "
                          "indices reach on the device; train on a shorter text (fewer or "
                          "smaller corpora, or --max_tokens)")
-    return ids.astype(np.int32)
+    return np.asarray(ids, dtype=np.int32)  # no copy of int32 ids (360 MB for text8's train)
 
 
 def on_device_windows(train_steps_fn: Callable, num_steps: int) -> Callable:
@@ -63,3 +72,59 @@ def sampler_starts(sampler, first_step: int, count: int) -> np.ndarray:
     """Window starts [count, rows] of steps first_step.. (the windows sampler.batch cuts)."""
     return np.stack([sampler.starts(step)
                      for step in range(first_step, first_step + count)]).astype(np.int32)
+
+
+def zero_sums(shape: tuple[int, ...] = ()) -> dict[str, np.ndarray]:
+    """Evaluation sums before the first window ([K] for K stacked seeds)."""
+    return {k: np.zeros(shape, np.float32) for k in METRIC_SUMS}
+
+
+def eval_windows(params, ids, positions, ends, windows, carry, sums, *,
+                 eval_step_fn: Callable):
+    """Scores windows `windows` [K] of this device's evaluation streams in one call.
+
+    ids [N]: the split on the device (zeros after its end are never scored); positions
+    [rows, T]: the tokens window 0 of each stream reads (its start + 0..T-1); ends [rows]: one
+    past the last input position scored in each stream (start + targets,
+    deeprnn.data.samplers.eval_streams). Window w reads positions + w * T; a position at or past
+    its stream's end is masked, as samplers.eval_batches pads it, so windows past the last
+    score nothing. `sums` {"loss_sum", "tokens"} are added to window by window, in order, as
+    the host loop that scored one window per call added them. Returns (carry, sums).
+    """
+    num_steps = positions.shape[1]
+
+    def one(carried, window):
+        carry, sums = carried
+        position = positions + window * num_steps  # [rows, T]
+        scored = position < ends[:, None]
+        position = jnp.where(scored, position, 0)
+        x = jnp.where(scored, ids[position], 0)
+        y = jnp.where(scored, ids[position + 1], 0)
+        carry, metrics = eval_step_fn(params, x, y, scored.astype(jnp.float32), carry)
+        return (carry, {k: sums[k] + metrics[k] for k in METRIC_SUMS}), None
+
+    (carry, sums), _ = jax.lax.scan(one, (carry, sums), windows)
+    return carry, sums
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledEval:
+    """An evaluation program for some devices (what compile_eval returns).
+
+    put_ids(ids [N]) places a split's token ids where the program reads them, once per split;
+    run(params, ids, positions, ends, windows, carry, sums) -> (carry, sums) scores the windows
+    `windows` [K] of this process's streams (eval_windows); sums=None starts from zero.
+    """
+
+    put_ids: Callable
+    run: Callable
+
+
+def one_device_eval(eval_step_fn: Callable) -> CompiledEval:
+    """eval_windows compiled for the default device."""
+    mapped = jax.jit(functools.partial(eval_windows, eval_step_fn=eval_step_fn))
+
+    def run(params, ids, positions, ends, windows, carry, sums):
+        return mapped(params, ids, positions, ends, windows, carry,
+                      zero_sums() if sums is None else sums)
+    return CompiledEval(put_ids=jnp.asarray, run=run)

@@ -3,43 +3,81 @@
 Both the training loop (validation during training, the final validation and test scores) and
 `python -m deeprnn.evaluate` (a trained run on any corpus, with the run's own vocabulary:
 characters it never saw become <unk>, and the <unk> rate is reported) score through
-`evaluate_ids`.
+`evaluate_ids`, which runs the windows on the devices (device_batches.eval_windows), a call per
+WINDOWS_PER_CALL windows, with the split's ids placed there once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import numpy as np
 
 from deeprnn.config import RunConfig
-from deeprnn.data.samplers import eval_batches
+from deeprnn.data.samplers import eval_streams
+from deeprnn.model.build import build_model
 from deeprnn.model.config import ModelConfig
 from deeprnn.model.stack import init_carry
 from deeprnn.run.checkpoints import restore_best
+from deeprnn.training import device_batches
 from deeprnn.training.progress import seed_record
-from deeprnn.training.train_step import summarize
+from deeprnn.training.train_step import eval_step, summarize
+
+# Windows per compiled call: enough that a call outlasts its dispatch on an accelerator (a
+# window of a small model takes about a millisecond), few enough that one call stays short and
+# the compiled program does not depend on the split's length. Shorter splits take the next
+# power of two above their window count, so that splits of similar length share one program.
+WINDOWS_PER_CALL = 64
+# Splits up to this many tokens are padded (with zeros, never scored) to a power of two on the
+# devices, for the same reason; longer ones are placed as they are, not copied.
+PAD_UP_TO = 1 << 22
 
 
-def evaluate_ids(step_fn, model_config, params, ids: np.ndarray, *, batch_size: int,
-                 num_steps: int, rows: tuple[int, int] | None = None,
+@functools.lru_cache(maxsize=16)
+def single_device_eval_fn(model_config: ModelConfig) -> device_batches.CompiledEval:
+    model = build_model(model_config)
+    return device_batches.one_device_eval(functools.partial(eval_step, apply_fn=model.apply))
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def _resident_ids(ids: np.ndarray) -> np.ndarray:
+    ids = np.asarray(ids, dtype=np.int32)
+    if len(ids) > PAD_UP_TO:
+        return ids
+    return np.pad(ids, (0, _next_power_of_two(len(ids)) - len(ids)))
+
+
+def evaluate_ids(eval_fn: device_batches.CompiledEval, model_config, params, ids: np.ndarray, *,
+                 batch_size: int, num_steps: int, rows: tuple[int, int] | None = None,
                  carry=None) -> dict[str, float] | list[dict[str, float]]:
     """Loss, perplexity and bits per character over a whole split, read exactly once.
 
     The split runs as `batch_size` contiguous streams whose state carries from one window to
-    the next, so every target token is scored with its full left context in its stream.
-    `step_fn` is a compiled eval step; `rows` this process's streams (multi-host); `carry` its
-    initial state placed on the devices. Stacked seeds' params give a list, one dict a seed.
+    the next, so every target token is scored with its full left context in its stream
+    (samplers.eval_streams). `eval_fn` is a compiled evaluation (`compile_eval` of DataParallel
+    or SeedStack, or single_device_eval_fn); `rows` this process's streams (multi-host); `carry`
+    its initial state placed on the devices. Stacked seeds' params give a list, one dict a seed.
+    The host holds O(batch_size x num_steps) numbers besides the split itself.
     """
+    streams = eval_streams(len(ids), batch_size, num_steps)
     start, stop = rows or (0, batch_size)
     if carry is None:
         carry = init_carry(model_config, stop - start)
-    loss_sum, tokens = 0.0, 0.0
-    for x, y, mask in eval_batches(ids, batch_size, num_steps):
-        carry, metrics = step_fn(params, x[start:stop], y[start:stop], mask[start:stop], carry)
-        loss_sum, tokens = loss_sum + metrics["loss_sum"], tokens + metrics["tokens"]
-    loss_sum, tokens = (np.asarray(a, float) for a in jax.device_get((loss_sum, tokens)))
+    device_ids = eval_fn.put_ids(_resident_ids(ids))
+    positions = (streams.starts[start:stop, None] + np.arange(num_steps)).astype(np.int32)
+    ends = (streams.starts + streams.targets)[start:stop].astype(np.int32)
+    per_call = min(WINDOWS_PER_CALL, _next_power_of_two(streams.num_windows))
+    sums = None
+    for first in range(0, streams.num_windows, per_call):
+        windows = np.arange(first, first + per_call, dtype=np.int32)
+        carry, sums = eval_fn.run(params, device_ids, positions, ends, windows, carry, sums)
+    loss_sum, tokens = (np.asarray(a, float)
+                        for a in jax.device_get((sums["loss_sum"], sums["tokens"])))
     if loss_sum.ndim:  # one score per seed (--num_seeds)
         return [{**summarize(float(ls), float(t)), "tokens": float(t)}
                 for ls, t in zip(loss_sum, tokens, strict=True)]

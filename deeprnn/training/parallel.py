@@ -259,29 +259,39 @@ class DataParallel:
                           carry, self._put(resets, self._replicated, resets.shape))
         return run
 
-    def compile_eval(self, eval_step_fn):
-        """fn(params, x, y, mask, carry) with x/y/mask [local_rows, T] -> (carry, metrics);
-        params from `replicate`, carry from `shard_rows`."""
-        step = functools.partial(eval_step_fn, axis_name=AXIS)
+    def compile_eval(self, eval_step_fn) -> device_batches.CompiledEval:
+        """Evaluation windows cut on every device (device_batches.eval_windows): the split's
+        ids on every device (`put_ids`, once per split), this process's streams' positions and
+        ends [local_rows, ...] split by rows, the sums added up across devices and the same on
+        all; params from `replicate`, carry from `shard_rows`."""
+        chunk = functools.partial(device_batches.eval_windows,
+                                  eval_step_fn=functools.partial(eval_step_fn, axis_name=AXIS))
         if self.mode == "pmap":
-            mapped = jax.pmap(step, axis_name=AXIS, out_axes=(0, None),
+            mapped = jax.pmap(chunk, axis_name=AXIS, in_axes=(0, 0, 0, 0, None, 0, None),
+                              out_axes=(0, None),
                               devices=self.local_devices if self.num_processes == 1 else None)
             n = len(self.local_devices)
 
-            def run_pmap(params, x, y, mask, carry):
+            def run_pmap(params, ids, positions, ends, windows, carry, sums):
                 def split(a):
                     return np.reshape(a, (n, -1, *np.shape(a)[1:]))
-                return mapped(params, split(x), split(y), split(mask), carry)
-            return run_pmap
+                return mapped(params, ids, split(positions), split(ends), windows, carry,
+                              device_batches.zero_sums() if sums is None else sums)
+            return device_batches.CompiledEval(put_ids=self._stack_local, run=run_pmap)
 
         mapped = jax.jit(jax.shard_map(
-            step, mesh=self.mesh, in_specs=(P(), P(AXIS), P(AXIS), P(AXIS), P(AXIS)),
+            chunk, mesh=self.mesh, in_specs=(P(), P(), P(AXIS), P(AXIS), P(), P(AXIS), P()),
             out_specs=(P(AXIS), P())))
 
-        def run(params, x, y, mask, carry):
-            return mapped(params, self._global_batch(x, 0), self._global_batch(y, 0),
-                          self._global_batch(mask, 0), carry)
-        return run
+        def replicated(array):
+            return self._put(array, self._replicated, np.shape(array))
+
+        def run(params, ids, positions, ends, windows, carry, sums):
+            if sums is None:
+                sums = jax.tree.map(replicated, device_batches.zero_sums())
+            return mapped(params, ids, self._global_batch(positions, 0),
+                          self._global_batch(ends, 0), replicated(windows), carry, sums)
+        return device_batches.CompiledEval(put_ids=replicated, run=run)
 
 
 def start_multihost(multihost: bool, coordinator_address: str = "", num_processes: int = 0,

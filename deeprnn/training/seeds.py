@@ -8,6 +8,8 @@ and the spread over seeds comes with every run. Every seed is clipped and update
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -38,11 +40,6 @@ def vmap_train_steps(train_steps_fn, num_steps: int):
                     in_axes=(0, None, 1, 0, None), out_axes=(0, 0, 1))
 
 
-def vmap_eval_step(eval_step_fn):
-    """eval_step over seeds: params/carry [K, ...], the same batch for every seed."""
-    return jax.vmap(eval_step_fn, in_axes=(0, None, None, None, 0))
-
-
 class SeedStack:
     """The DataParallel interface (parallel.py) for K stacked seeds on one device.
 
@@ -70,8 +67,18 @@ class SeedStack:
             return mapped(state, device_ids, starts, carry, resets)
         return run
 
-    def compile_eval(self, eval_step_fn):
-        return jax.jit(vmap_eval_step(eval_step_fn))
+    def compile_eval(self, eval_step_fn) -> device_batches.CompiledEval:
+        """device_batches.eval_windows over seeds: params, carry and sums [K, ...], the same
+        windows of the same split for every seed."""
+        mapped = jax.jit(jax.vmap(
+            functools.partial(device_batches.eval_windows, eval_step_fn=eval_step_fn),
+            in_axes=(0, None, None, None, None, 0, 0)))
+
+        def run(params, ids, positions, ends, windows, carry, sums):
+            if sums is None:
+                sums = device_batches.zero_sums((self.num_seeds,))
+            return mapped(params, ids, positions, ends, windows, carry, sums)
+        return device_batches.CompiledEval(put_ids=jnp.asarray, run=run)
 
     def replicate(self, tree):
         return tree

@@ -108,3 +108,44 @@ def test_time_machine_counts_match_d2l():
     assert splits.vocab.size == 28 and len(splits.train) == 173_428
     d2l_017 = build_splits(docs, "d2l_lines", split=(1, 0, 0), max_tokens=10_000)
     assert len(d2l_017.train) == 10_000
+
+
+@pytest.mark.parametrize("chunk", [3, 7, 1 << 20])
+def test_chunked_counting_and_encoding_equal_a_character_loop(monkeypatch, chunk):
+    """Counting and encoding go CHUNK_CHARS at a time, by bytes where every character is below
+    256 and by code points elsewhere; any chunk size gives what a loop over characters does."""
+    from collections import Counter
+
+    from deeprnn.data import vocab as vocab_module
+
+    monkeypatch.setattr(vocab_module, "CHUNK_CHARS", chunk)
+    texts = ["the time machine\n\x00\xff\xe9", "caf\xe9 \u20ac\u00e9 na\xefve \U0001f600 x",
+             "plain ascii only"]
+    counts = Counter("".join(texts))
+    vocab = Vocab.build(texts)
+    assert vocab.tokens[1:] == sorted(counts, key=lambda c: (-counts[c], c))
+    index = {c: i for i, c in enumerate(vocab.tokens)}
+    probe = "".join(texts) + "zq\u20ac\u4e2d"  # z, q and \u4e2d are unknown
+    assert vocab.encode(probe).tolist() == [index.get(c, 0) for c in probe]
+    out = np.full(9, -1, dtype=np.int32)
+    vocab.encode_into(probe, 5, 14, out)
+    assert out.tolist() == [index.get(c, 0) for c in probe[5:14]]
+
+
+def test_splits_are_encoded_without_copying_the_text(monkeypatch):
+    """build_splits cuts each part by position: the parts' text is never sliced out whole."""
+    from deeprnn.data import vocab as vocab_module
+
+    monkeypatch.setattr(vocab_module, "CHUNK_CHARS", 4)
+    sliced = []
+    pieces = vocab_module._pieces
+
+    def record(text, start=0, stop=None):
+        for piece in pieces(text, start, stop):
+            sliced.append(len(piece))
+            yield piece
+    monkeypatch.setattr(vocab_module, "_pieces", record)
+    splits = build_splits([doc("one", "abcdefghijklmnopqrst")], "raw", split=(0.5, 0.25, 0.25))
+    assert splits.vocab.decode(splits.train) == "abcdefghij"
+    assert splits.vocab.decode(splits.test) == "<unk>" * 5  # held-out letters unseen in training
+    assert max(sliced) == 4

@@ -40,7 +40,8 @@ from deeprnn.training.device_batches import sampler_starts
 from deeprnn.training.evaluation import evaluate_ids
 from deeprnn.training.optimizer import make_optimizer
 from deeprnn.training.parallel import DataParallel, start_multihost
-from deeprnn.training.train_step import TrainState, eval_step, train_steps
+from deeprnn.training.train_step import TrainState, eval_step, summarize, train_steps
+from tests.training import eval_reference
 
 BATCH, NUM_STEPS, EVAL_BATCH = 8, 6, 8
 NUM_TRAIN_STEPS, CHECKPOINT_STEP, STEPS_PER_CALL = 20, 10, 5
@@ -198,6 +199,18 @@ def evaluate_on(dp: DataParallel, params) -> dict:
                         carry=dp.shard_rows(init_carry(MODEL, stop - start)))
 
 
+def evaluate_per_window(dp: DataParallel, params) -> dict:
+    """The same evaluation as evaluate_on, as it ran before it moved onto the devices: one
+    compiled step per window cut on the host (tests/training/eval_reference.py)."""
+    model, _ = model_and_optimizer()
+    start, stop = dp.rows(EVAL_BATCH, "eval_batch_size")
+    loss_sum, tokens = eval_reference.reference_sums(
+        eval_reference.data_parallel_step(dp, model.apply), dp.replicate(params), EVAL_IDS,
+        batch_size=EVAL_BATCH, num_steps=NUM_STEPS, rows=(start, stop),
+        carry=dp.shard_rows(init_carry(MODEL, stop - start)))
+    return {**summarize(float(loss_sum), float(tokens)), "tokens": float(tokens)}
+
+
 def sample(params) -> list[int]:
     return [int(t) for t in generate(MODEL, params, np.asarray([1, 2, 3]), 12)]
 
@@ -221,6 +234,7 @@ def devices_main(out: str, checkpoint_dir: str) -> None:
         reference_state, result["reference"][kind] = run_on(single, reference_fn, kind)
     params = reference_state.params  # sequential run; used for evaluation and generation
     result["reference"]["evaluation"] = evaluate_on(single, params)
+    result["reference"]["evaluation_per_window"] = evaluate_per_window(single, params)
     result["reference"]["sample"] = sample(params)
     for mode in MODES:
         dp = DataParallel(mode)
@@ -230,6 +244,7 @@ def devices_main(out: str, checkpoint_dir: str) -> None:
             ckpt = f"{checkpoint_dir}/from_{mode}" if kind == "sequential" else None
             out_mode[kind] = run_on(dp, run_fn, kind, ckpt)[1]
         out_mode["evaluation"] = evaluate_on(dp, params)
+        out_mode["evaluation_per_window"] = evaluate_per_window(dp, params)
         # Generation from logical parameters laid out for N devices.
         out_mode["sample"] = sample(dp.logical(dp.replicate(reference_state), ())[0].params)
         out_mode["resumed_from_1"] = resume(dp, run_fn, f"{checkpoint_dir}/from_1")
@@ -277,6 +292,7 @@ def multihost_main(out: str, checkpoint_dir: str, address: str, num_processes: i
                     if (mode, kind) == ("shard_map", "sequential") else None)
             state, result[mode][kind] = run_on(dp, run_fn, kind, ckpt)
         result[mode]["evaluation"] = evaluate_on(dp, state.params)
+        result[mode]["evaluation_per_window"] = evaluate_per_window(dp, state.params)
         # Generation on process 0 alone, as the training loop's console lines do.
         if jax.process_index() == 0:
             result[mode]["sample"] = sample(dp.on_one_device(state.params))
