@@ -35,7 +35,7 @@ BOOKKEEPING_FLAGS = frozenset({
 })
 FINAL_METRICS = ("train/perplexity", "validation/perplexity", "validation/bits_per_char",
                  "test/perplexity", "test/bits_per_char")
-TABLE_COLUMNS = (("train/perplexity", "train ppl", 2), ("validation/perplexity", "val ppl", 2),
+TABLE_COLUMNS = (("train/perplexity", "train ppl", 3), ("validation/perplexity", "val ppl", 2),
                  ("validation/bits_per_char", "val bpc", 3), ("test/perplexity", "test ppl", 2),
                  ("test/bits_per_char", "test bpc", 3))
 SPREAD_NOTE = ("**Bold**: the lowest mean of its column. ≈: not told apart from the bold value "
@@ -60,7 +60,13 @@ class RunResult:
         its last logged training perplexity (the only score of a run without a held-out
         split, such as the book's recipe)."""
         seeds = self.summary.get("seeds") or []
-        per_seed = [dict(s) for s in seeds] if seeds else [dict(self.summary.get("final") or {})]
+        count = int(self.flags.get("num_seeds") or 1)
+        if seeds:
+            per_seed = [dict(s) for s in seeds]
+        elif count > 1:  # a --num_seeds run without a held-out split keeps no per-seed finals
+            per_seed = [{} for _ in range(count)]
+        else:
+            per_seed = [dict(self.summary.get("final") or {})]
         last = self.summary.get("last") or {}
         for k, scores in enumerate(per_seed):
             tag = "train/perplexity" if len(per_seed) == 1 else f"seed_{k}/train/perplexity"

@@ -148,16 +148,16 @@ def test_runs_without_a_held_out_split_are_reported_by_training_perplexity(tmp_p
     """The book's recipe has no validation or test split: training perplexity is its score,
     per seed of a --num_seeds run, and no validation plot is drawn."""
     root = tmp_path / "recipe"
-    write_run(root, "d2l_lstm", {"cell": "lstm", "num_layers": 2, "split": "1,0,0"}, {},
-              seeds=[{}, {}, {}], curve=(),
+    write_run(root, "d2l_lstm", {"cell": "lstm", "num_layers": 2, "split": "1,0,0",
+                                 "num_seeds": 3}, {}, curve=(),
               last={"train/perplexity": 1.03, **{f"seed_{k}/train/perplexity": v
                                                   for k, v in enumerate((1.02, 1.03, 1.04))}})
     write_run(root, "d2l_gru", {"cell": "gru", "num_layers": 2, "split": "1,0,0"}, {},
               curve=(), last={"train/perplexity": 1.5})
     markdown = report.write_report(str(root))
     rows = table_rows(markdown)
-    assert rows["d2l_lstm"]["train ppl"] == "**1.03 ± 0.01**"
-    assert rows["d2l_gru"]["train ppl"] == "1.50 ≈"  # one seed: no spread to support it
+    assert rows["d2l_lstm"]["train ppl"] == "**1.030 ± 0.010**"
+    assert rows["d2l_gru"]["train ppl"] == "1.500 ≈"  # one seed: no spread to support it
     assert "val ppl" not in rows["d2l_lstm"] and rows["d2l_lstm"]["seeds"] == "3"
     assert (root / "training_perplexity.png").read_bytes().startswith(PNG_MAGIC)
     assert not (root / "validation_perplexity.png").exists()
