@@ -90,8 +90,10 @@ class Group:
                 if isinstance(f.get(metric), (int, float))]
 
     def evaluation_values(self, corpus: str, metric: str) -> list[float]:
-        return [e[metric] for run in self.runs for e in run.evaluations
-                if e.get("corpus") == corpus and isinstance(e.get(metric), (int, float))]
+        """Per seed: a --num_seeds run's evaluation holds each seed's scores under `seeds`."""
+        return [s[metric] for run in self.runs for e in run.evaluations
+                if e.get("corpus") == corpus for s in (e.get("seeds") or [e])
+                if isinstance(s.get(metric), (int, float))]
 
     def mean(self, key: str) -> float | None:
         values = [r.summary[key] for r in self.runs if isinstance(r.summary.get(key), (int, float))]
@@ -158,10 +160,10 @@ def distinguishable(a: tuple | None, b: tuple | None) -> bool:
     return abs(a[0] - b[0]) > a[1] + b[1]
 
 
-def marked_column(groups: list[Group], metric: str, digits: int) -> list[str]:
-    """The column's cells: the lowest mean bold, the means the spread cannot tell from it
-    marked ≈ (SPREAD_NOTE)."""
-    stats = [mean_and_spread(g.values(metric)) for g in groups]
+def marked_column(groups: list[Group], values_of, digits: int) -> list[str]:
+    """The column of `values_of(group)`: the lowest mean bold, the means the spread cannot
+    tell from it marked ≈ (SPREAD_NOTE)."""
+    stats = [mean_and_spread(values_of(g)) for g in groups]
     present = [s for s in stats if s]
     best = min(present, key=lambda s: s[0]) if len(present) > 1 else None
     cells = []
@@ -195,7 +197,10 @@ def markdown_table(groups: list[Group]) -> str:
     header = ["run", "cell", "layers", "hiddens", "corpus", "seeds",
               *[label for _, label, _ in columns], *[f"{c} ppl" for c in others], "tokens/s",
               "wall time", "params"]
-    cells = [marked_column(groups, metric, digits) for metric, _, digits in columns]
+    cells = [marked_column(groups, lambda g, m=metric: g.values(m), digits)
+             for metric, _, digits in columns]
+    cells += [marked_column(groups, lambda g, c=c: g.evaluation_values(c, "perplexity"), 2)
+              for c in others]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for index, g in enumerate(groups):
         f = g.flags
@@ -205,8 +210,6 @@ def markdown_table(groups: list[Group]) -> str:
         params = g.runs[0].summary.get("num_params")
         row = [g.name, f.get("cell", "-"), f.get("num_layers", "-"), f.get("num_hiddens", "-"),
                f.get("corpus", "-"), count, *[column[index] for column in cells],
-               *[_format_stat(mean_and_spread(g.evaluation_values(c, "perplexity")), 2)
-                 for c in others],
                f"{tokens:,.0f}" if tokens is not None else "-",
                _format_duration(g.mean("wall_time_s")),
                f"{params:,}" if isinstance(params, int) else "-"]

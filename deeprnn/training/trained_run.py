@@ -127,4 +127,15 @@ def score_corpus(workdir: str, corpus: str | None, data_dir: str | None, split: 
                                  num_steps=config.num_steps)
     unk = float(np.mean(ids == vocab.UNK_ID))
     return {"workdir": workdir, "corpus": config.corpus, "split": split, "step": run.step,
-            **result, "unk_rate": unk}
+            **seeds_summary(result), "unk_rate": unk}
+
+
+def seeds_summary(result: dict | list[dict]) -> dict:
+    """A --num_seeds run's per-seed scores (a list) as their mean, `<key>_std` and `seeds`;
+    one seed's scores as they are."""
+    if not isinstance(result, list):
+        return result
+    values = {key: np.asarray([r[key] for r in result], dtype=float) for key in result[0]}
+    return {**{key: float(v.mean()) for key, v in values.items()},
+            **{f"{key}_std": float(v.std(ddof=1)) for key, v in values.items()},
+            "seeds": result}

@@ -126,7 +126,8 @@ def test_corpus_bars_appear_when_runs_differ_in_corpus(tmp_path):
     assert not (root / "perplexity_vs_depth.png").exists()
     rows = table_rows(markdown)
     assert rows["shakespeare"]["corpus"] == "tiny_shakespeare"
-    assert rows["shakespeare"]["war_and_peace ppl"] == "12.00"
+    assert rows["shakespeare"]["war_and_peace ppl"] == "12.00 ≈"  # one seed each: no spread
+    assert rows["one_book"]["war_and_peace ppl"] == "**12.00**"
 
 
 def test_report_command_line_prints_the_markdown_and_rejects_a_missing_folder(
@@ -168,3 +169,13 @@ def test_distinguishable_needs_two_seeds_a_side_and_a_gap_wider_than_the_spreads
     assert not report.distinguishable((5.0, 0.5, 3), (6.0, 0.6, 3))
     assert not report.distinguishable((5.0, 0.0, 1), (9.0, 0.1, 3))
 
+
+
+def test_a_num_seeds_runs_evaluation_counts_each_seed(tmp_path):
+    root = tmp_path / "corpora"
+    evaluation = [{"corpus": "war_and_peace", "split": "test", "perplexity": 12.0,
+                   "seeds": [{"perplexity": 11.0}, {"perplexity": 12.0}, {"perplexity": 13.0}]}]
+    write_run(root, "one_book", {"cell": "lstm", "num_layers": 2, "num_seeds": 3},
+              final(5.0), evaluations=evaluation)
+    rows = table_rows(report.write_report(str(root)))
+    assert rows["one_book"]["war_and_peace ppl"] == "12.00 ± 1.00"

@@ -7,6 +7,7 @@ import pytest
 
 from deeprnn.errors import UsageError
 from deeprnn.run.writers import read_metrics
+from deeprnn.training.trained_run import score_corpus
 from tests.helpers import run, tiny_argv, write_text
 
 
@@ -69,6 +70,14 @@ def test_num_seeds_equals_separate_runs(text_file, tmp_path):
     values = [s["validation/perplexity"] for s in together["seeds"]]
     assert together["final"]["validation/perplexity"] == pytest.approx(sum(values) / 3)
     assert together["final"]["validation/perplexity_std"] > 0
+    # evaluate scores each seed of such a run, as separate runs would be scored.
+    scored = score_corpus(str(tmp_path / "k3"), None, None, "test")
+    for k in range(3):
+        alone = score_corpus(str(tmp_path / f"s{k}"), None, None, "test")
+        assert scored["seeds"][k]["perplexity"] == pytest.approx(alone["perplexity"], rel=1e-4)
+    assert scored["perplexity"] == pytest.approx(
+        sum(s["perplexity"] for s in scored["seeds"]) / 3)
+    assert scored["perplexity_std"] > 0
 
 
 def test_token_array_is_int32_and_refuses_text_past_int32_indices():
