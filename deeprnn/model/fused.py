@@ -21,18 +21,21 @@ Same parameters, outputs and gradients as the scratch model; what changes is the
 - LSTM stacks on the layerwise schedule use fused_lstm.py, whose backward is written out
   in full (no cell re-run, one gate-gradient buffer): the same speed on the 2-core CPU, a third
   less memory (XLA's buffer total for the gradient of the big config: 10.3 GB -> 6.9 GB).
+- LSTM stacks may instead run through cuDNN (cudnn_lstm.py), from the same parameters:
+  `lstm_kernel` ("auto" picks per backend and shape, lstm_kernels.py).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from deeprnn.errors import UsageError
-from deeprnn.model import cells, fused_lstm, stack
+from deeprnn.model import cells, cudnn_lstm, fused_lstm, lstm_kernels, stack
 from deeprnn.model.config import ModelConfig, compute_dtype
 
 GATES = cells.GATES
@@ -203,6 +206,23 @@ class FusedDeepRNN(nn.Module):
     # False: LSTM layers take the general recurrence instead of fused_lstm (same
     # results; kept to measure the difference, as `--fused_variants=...:generic` does)
     lstm_layer: bool = True
+    # The cuDNN kernel's function, jax.experimental.rnn.lstm's signature; None is that binding.
+    # Tests pass cudnn_lstm.packed_lstm_reference to run the cuDNN path on a CPU.
+    packed_lstm: Callable | None = None
+
+    def chosen_kernel(self, batch: int) -> str:
+        """"fused" or "cudnn" for this config's LSTM layers (config.lstm_kernel, resolved)."""
+        cfg = self.config
+        if cfg.cell != "lstm" or not (self.hand_vjp and self.lstm_layer):
+            return "fused"  # the bench's autodiff / generic variants measure the fused path
+        backend = jax.default_backend()
+        kernel = lstm_kernels.choose_lstm_kernel(cfg.lstm_kernel, backend=backend,
+                                                 dtype=cfg.compute_dtype,
+                                                 hidden=cfg.num_hiddens, batch=batch)
+        if kernel == "cudnn" and self.packed_lstm is None and backend != "gpu":
+            raise UsageError(f"--lstm_kernel=cudnn needs a CUDA GPU (jax.experimental.rnn has "
+                             f"no {backend} lowering); use --lstm_kernel=auto or fused")
+        return kernel
 
     def chosen_schedule(self) -> str:
         cfg = self.config
@@ -230,6 +250,11 @@ class FusedDeepRNN(nn.Module):
             raise UsageError(f"carry has {len(carry)} layers, the model {num_layers}: "
                              "pass init_carry(config, batch_size)")
         states = [tuple(c) if cfg.cell == "lstm" else (c,) for c in carry]
+        if self.chosen_kernel(batch) == "cudnn":
+            top, time_major, finals = cudnn_lstm.cudnn_layers(cfg, layers, tokens, states,
+                                                              train, self.packed_lstm)
+            logits = stack.OutputLayer(cfg.vocab_size, cfg.dtype, name="output")(top)
+            return (logits.transpose(1, 0, 2) if time_major else logits), tuple(finals)
         schedule = self.chosen_schedule()
         recurrence = make_recurrence(cfg.cell, cfg.activation, cfg.gru_variant, cfg.compute_dtype,
                                      num_steps, self.unroll or default_unroll(schedule),
