@@ -184,6 +184,19 @@ def prepare_torch(style: str, shape, params, xs: np.ndarray, ys: np.ndarray, *, 
     return facts, time_repeat
 
 
+def profile_steps(time_repeat, directory) -> str:
+    """One more repeat of a torch row under torch.profiler; returns its Chrome trace's path
+    (deeprnn.bench.profile reads the table back from it)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        time_repeat()
+    path = f"{directory}/trace.json"
+    prof.export_chrome_trace(path)
+    return path
+
+
 def d2l_time_machine_corpus(path: str, max_tokens: int = 10000):
     """d2l's load_corpus_time_machine: letters only, lower case, lines joined without
     separators, character tokens, the first max_tokens. Returns (ids, index_to_char)."""
