@@ -1,8 +1,11 @@
 """--profile: the top-ops table read back from profiler traces (synthetic traces of each kind,
 then real ones written by a tiny benchmark run on the CPU)."""
 
+import pathlib
+
 import pytest
 
+from deeprnn.bench import cli as bench
 from deeprnn.bench import profile
 
 
@@ -83,3 +86,23 @@ def test_ops_are_described_from_the_compiled_hlo():
     described = profile.describe_ops(hlo)
     assert described["ynn_fusion.14"] == "f32[256,1024] fusion  tbh,tbg->hg/dot_general (bwd)"
     assert described["while.3"] == "(s32[], f32[2]) while"
+
+
+def test_bench_profiles_every_row(tmp_path, capsys):
+    impls = "fused,matmul-floor" + (",torch-tight" if bench.torch_available() else "")
+    rows = bench.main(["--configs=tiny", f"--impls={impls}", "--repeats=1", "--steps=2",
+                       "--steps_per_call=2", "--no_cache", f"--profile={tmp_path}"])
+    out = capsys.readouterr().out
+    for row in rows:
+        prof = row["profile"]
+        assert pathlib.Path(prof["trace"]).is_file()
+        assert pathlib.Path(prof["trace"]).is_relative_to(tmp_path / "tiny")
+        assert prof["ms_per_step"] > 0 and prof["ops"][-1]["name"] == "(no device op)"
+        ops = [op for op in prof["ops"] if not op["name"].startswith("(")]
+        assert ops and all(op["ms"] >= 0 and op["count"] > 0 for op in ops)
+        assert f"tiny {row['implementation']}: top device ops per step" in out
+    fused = rows[0]["profile"]["ops"]
+    # The fused step's ops include its time loops and matmuls, described from the HLO.
+    assert any(op.get("hlo", "").endswith("while") for op in fused)
+    if bench.torch_available():
+        assert any(op["name"].startswith("aten::") for op in rows[-1]["profile"]["ops"])
