@@ -151,10 +151,9 @@ def test_end_to_end_refuses_another_text_file(tmp_path):
         bench.main([f"--e2e={other}"])
 
 
-def test_gpu_bench_script_runs_every_stage_with_valid_bench_flags(tmp_path):
-    """launch/gpu_bench.sh against a stand-in `python` that records its arguments: every
-    stage runs (a failing one does not stop the next), writes its JSON under $OUT, and passes
-    flags that deeprnn.bench accepts."""
+def _run_gpu_bench(tmp_path, *stages):
+    """launch/gpu_bench.sh against a stand-in `python` that records its arguments (and fails
+    the depth stage); returns (the finished process, the argv of every python call)."""
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
     calls = tmp_path / "calls.jsonl"
@@ -168,12 +167,39 @@ def test_gpu_bench_script_runs_every_stage_with_valid_bench_flags(tmp_path):
     (workdir / ".data" / "time_machine.txt").write_text("text\n")
     env = {**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}", "OUT": str(tmp_path / "out")}
     script = REPO / "launch" / "gpu_bench.sh"
-    done = subprocess.run(["bash", script], cwd=workdir, env=env, capture_output=True, text=True)
+    done = subprocess.run(["bash", script, *stages], cwd=workdir, env=env, capture_output=True,
+                          text=True)
+    argvs = ([json.loads(line) for line in calls.read_text().splitlines()]
+             if calls.exists() else [])
+    return done, argvs
+
+
+def _json_names(argvs):
+    return [next(a for a in argv if a.startswith("--json=")).split("/")[-1] for argv in argvs]
+
+
+def test_gpu_bench_script_runs_every_stage_with_valid_bench_flags(tmp_path):
+    """Every stage runs (a failing one does not stop the next), writes its JSON under $OUT,
+    and passes flags that deeprnn.bench accepts; the big config is profiled in both dtypes and
+    timed with cuDNN's kernel, and the seeds config is there."""
+    done, argvs = _run_gpu_bench(tmp_path)
     assert done.returncode == 0, done.stderr
     assert "=== depth failed" in done.stdout
-    argvs = [json.loads(line) for line in calls.read_text().splitlines()]
-    names = [next(a for a in argv if a.startswith("--json=")).split("/")[-1] for argv in argvs]
-    assert names == ["d2l.json", "depth.json", "big_fp32.json", "big_bf16.json", "e2e.json"]
+    assert _json_names(argvs) == ["big_bf16.json", "big_fp32.json", "big_default.json",
+                                  "d2l.json", "seeds.json", "mid.json", "depth.json",
+                                  "e2e.json"]
+    by_name = dict(zip(_json_names(argvs), argvs, strict=True))
     for argv in argvs:
         assert argv[:2] == ["-m", "deeprnn.bench"]
         bench.parse_options(argv[2:])  # a UsageError for an unknown or malformed flag
+    for name in ("big_bf16", "big_fp32"):
+        assert any(a.startswith("--profile=") for a in by_name[f"{name}.json"])
+    assert "cudnn" in bench.parse_options(by_name["big_fp32.json"][2:]).impls
+    assert bench.parse_options(by_name["big_default.json"][2:]).precision == "default"
+    assert bench.parse_options(by_name["seeds.json"][2:]).configs == ["seeds"]
+
+
+def test_gpu_bench_script_runs_only_the_stages_named(tmp_path):
+    done, argvs = _run_gpu_bench(tmp_path, "seeds", "big_fp32")
+    assert done.returncode == 0, done.stderr
+    assert _json_names(argvs) == ["big_fp32.json", "seeds.json"]  # in the script's order
