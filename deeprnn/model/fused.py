@@ -219,9 +219,8 @@ class FusedDeepRNN(nn.Module):
         kernel = lstm_kernels.choose_lstm_kernel(cfg.lstm_kernel, backend=backend,
                                                  dtype=cfg.compute_dtype,
                                                  hidden=cfg.num_hiddens, batch=batch)
-        if kernel == "cudnn" and self.packed_lstm is None and backend != "gpu":
-            raise UsageError(f"--lstm_kernel=cudnn needs a CUDA GPU (jax.experimental.rnn has "
-                             f"no {backend} lowering); use --lstm_kernel=auto or fused")
+        if self.packed_lstm is None:
+            lstm_kernels.check_backend(kernel, backend)
         return kernel
 
     def chosen_schedule(self) -> str:

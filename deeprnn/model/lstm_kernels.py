@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from deeprnn.errors import UsageError
+
 KERNELS = ("fused", "cudnn")
 
 
@@ -46,6 +48,13 @@ MEASURED = (
              "session); jax.experimental.rnn.lstm 37.9 ms vs a hand hoisted JAX scan 53 ms, "
              "each library's default precision (an independent run, issue 17)"),
 )
+
+
+def check_backend(requested: str, backend: str) -> None:
+    """UsageError for --lstm_kernel=cudnn off a GPU (before a run touches its workdir)."""
+    if requested == "cudnn" and backend != "gpu":
+        raise UsageError(f"--lstm_kernel=cudnn needs a CUDA GPU (jax.experimental.rnn has no "
+                         f"{backend} lowering); use --lstm_kernel=auto or fused")
 
 
 def choose_lstm_kernel(requested: str, *, backend: str, dtype: str, hidden: int, batch: int,

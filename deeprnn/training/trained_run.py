@@ -41,7 +41,10 @@ def load_trained_run(workdir: str) -> TrainedRun:
                          f"python -m deeprnn.train --workdir={workdir}")
     meta = store.read_meta(step)
     known = {f.name for f in dataclasses.fields(RunConfig)}
-    config = RunConfig(**{k: v for k, v in meta["flags"].items() if k in known})
+    # The LSTM kernel is a choice of the machine that trained, not of the checkpoint (its
+    # layout is the same for every kernel): a run trained with cuDNN is read back anywhere.
+    config = RunConfig(**{k: v for k, v in meta["flags"].items()
+                          if k in known and k != "lstm_kernel"}, lstm_kernel="auto")
     run_vocab = vocab.Vocab.from_json(meta["vocab"])
     model_config = model_config_for(config, run_vocab.size)
     _, _, _, state, carry = initial_training_state(config, model_config,
