@@ -292,11 +292,12 @@ class FusedDeepRNN(nn.Module):
                                                      self.unroll or default_unroll(schedule))
                           if cfg.cell == "lstm" and self.hand_vjp and self.lstm_layer
                           else None)
+            project = fused_lstm.make_projection(cfg.compute_dtype)
             no_w = jnp.zeros((0, hidden, gate_width))
             no_b = jnp.zeros((0, gate_width))
             for index, layer in enumerate(layers):
                 if index > 0:
-                    xs = _mm("tbh,hg->tbg", top, layer["W_x"], dtype) + layer["b"]
+                    xs = project(top, layer["W_x"], layer["b"])
                 if lstm_layer is not None:
                     ys, final = lstm_layer(xs, layer["W_h"], *states[index])
                     finals.append(final)
