@@ -277,6 +277,7 @@ def _time_shape(shape, impls, options: BenchOptions, precision: dict[str, str],
         rows.append(row)
         print(f"  {shape.name} {impl}: {ms:.2f} ms/step, loss@k {format_loss(row)}", flush=True)
         _write_json(options.json, earlier_rows + rows)
+    _check_same_work(rows, options)
     base_row = next((r for r in rows if r["implementation"] == "torch-d2l-loop"), None)
     for row in rows:
         row["ratio_vs_torch_d2l_loop"] = (None if base_row is None else
@@ -288,6 +289,23 @@ def _time_shape(shape, impls, options: BenchOptions, precision: dict[str, str],
             _profile(row, prepared[row["implementation"]][1], options)
             _write_json(options.json, earlier_rows + rows)
     return rows
+
+
+def _check_same_work(rows: list[dict], options: BenchOptions) -> None:
+    """A warning for a row whose loss after k steps is not the first row's: rows start from
+    the same parameters on the same batches, so a difference means one computes something
+    else (on a GPU, the check that cuDNN's packed layout is the one cudnn_lstm.py writes)."""
+    losses = [r for r in rows if r["loss_after_k"] is not None]
+    # Full float32 agrees to ~1e-6; TF32 and bfloat16 round differently on each side.
+    tolerance = 1e-3 if options.dtype == "float32" and options.precision == "highest" else 2e-2
+    for row in losses[1:]:
+        first = losses[0]
+        gap = abs(row["loss_after_k"] - first["loss_after_k"])
+        if gap > tolerance * abs(first["loss_after_k"]):
+            print(f"warning: {row['config']} {row['implementation']}: loss after k steps "
+                  f"{row['loss_after_k']:.5f}, {first['implementation']} "
+                  f"{first['loss_after_k']:.5f}: the rows should do the same work",
+                  file=sys.stderr, flush=True)
 
 
 def _profile(row: dict, time_repeat, options: BenchOptions) -> None:

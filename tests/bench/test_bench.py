@@ -32,6 +32,19 @@ def test_bench_writes_rows_with_equal_losses(tmp_path, capsys):
     assert "fused" in capsys.readouterr().out
 
 
+def test_a_row_that_does_other_work_is_flagged(capsys):
+    """Equal losses after k steps are the proof that rows do the same work (on a GPU, that
+    cuDNN reads the packed weights as cudnn_lstm.py writes them): a difference is said."""
+    options = bench.parse_options([])
+    rows = [{"config": "big", "implementation": name, "loss_after_k": loss}
+            for name, loss in (("fused", 3.3328), ("matmul-floor", None), ("cudnn", 3.3329),
+                               ("torch-tight", 3.41))]
+    bench._check_same_work(rows, options)
+    err = capsys.readouterr().err
+    assert "torch-tight: loss after k steps 3.41000, fused 3.33280" in err
+    assert "cudnn" not in err and "floor" not in err
+
+
 def test_bench_rejects_unknown_config_and_repeated_rows():
     with pytest.raises(UsageError, match="--configs"):
         bench.main(["--configs=huge"])
