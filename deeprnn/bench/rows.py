@@ -178,8 +178,8 @@ def prepare_jax(impl: str, shape: Shape, base_params, stream, starts, args, *,
 
 def prepare_row(impl: str, shape: Shape, base_params, stream, starts, args, variant=None):
     if impl == "matmul-floor":
-        return floor.prepare_floor(shape, args.dtype, args.steps, default_unroll("layerwise"),
-                                   device_name())
+        return floor.prepare_floor(shape, args.dtype, args.steps,
+                                   default_unroll("layerwise", args.dtype), device_name())
     if impl.startswith("torch"):
         from deeprnn.bench import torch_peers  # deferred: torch is optional (the [bench] extra)
 

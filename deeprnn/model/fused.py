@@ -53,11 +53,16 @@ WAVEFRONT_MIN_LAYERS = 4
 # 2 at 2 layers (2 was faster).
 DEFAULT_UNROLL = {("cpu", "layerwise"): 2, ("cpu", "wavefront"): 1,
                   ("gpu", "layerwise"): 8, ("gpu", "wavefront"): 1}
+# bfloat16 on the CPU: unroll 1 (the layerwise step and the matmul floor alike). Same-run A/B
+# of layerwise:1 against unroll 2 (bench --fused_variants=layerwise:1, 2-core AMD EPYC with
+# avx512_bf16, November 2026, commit 51cbbbe): fused 0.97 / 0.95 with the machine quiet, 0.80-0.88
+# under load 2-4; the floor 0.94 quiet. In float32 unroll 2 stays: 1.01-1.13 quiet.
+DTYPE_UNROLL = {("cpu", "layerwise", "bfloat16"): 1}
 
 
-def default_unroll(schedule: str) -> int:
+def default_unroll(schedule: str, dtype: str = "float32") -> int:
     backend = "cpu" if jax.default_backend() == "cpu" else "gpu"
-    return DEFAULT_UNROLL[(backend, schedule)]
+    return DTYPE_UNROLL.get((backend, schedule, dtype), DEFAULT_UNROLL[(backend, schedule)])
 
 
 _mm = fused_lstm.mm
@@ -196,7 +201,7 @@ class FusedDeepRNN(nn.Module):
 
     schedule: "auto" picks by depth and features (WAVEFRONT_MIN_LAYERS; dropout, residual and
     layer norm need the layerwise schedule), or force "wavefront" / "layerwise".
-    unroll: scan unroll; None takes DEFAULT_UNROLL for the backend and schedule in use.
+    unroll: scan unroll; None takes default_unroll for the backend, schedule and dtype.
     """
 
     config: ModelConfig
@@ -255,9 +260,9 @@ class FusedDeepRNN(nn.Module):
             logits = stack.OutputLayer(cfg.vocab_size, cfg.dtype, name="output")(top)
             return (logits.transpose(1, 0, 2) if time_major else logits), tuple(finals)
         schedule = self.chosen_schedule()
+        unroll = self.unroll or default_unroll(schedule, cfg.compute_dtype)
         recurrence = make_recurrence(cfg.cell, cfg.activation, cfg.gru_variant, cfg.compute_dtype,
-                                     num_steps, self.unroll or default_unroll(schedule),
-                                     self.hand_vjp)
+                                     num_steps, unroll, self.hand_vjp)
         dtype = cfg.dtype
 
         def recurrent_bias(layer):
@@ -288,8 +293,7 @@ class FusedDeepRNN(nn.Module):
             finals, top, xs = [], None, x0
             # The LSTM has its backward written out (fused_lstm.py); other cells use the
             # general recurrence with one layer.
-            lstm_layer = (fused_lstm.make_lstm_layer(cfg.compute_dtype,
-                                                     self.unroll or default_unroll(schedule))
+            lstm_layer = (fused_lstm.make_lstm_layer(cfg.compute_dtype, unroll)
                           if cfg.cell == "lstm" and self.hand_vjp and self.lstm_layer
                           else None)
             project = fused_lstm.make_projection(cfg.compute_dtype)
