@@ -28,6 +28,7 @@ CHOICES = {
     "activation": ("tanh", "relu"),
     "gru_variant": ("cudnn", "d2l"),
     "impl": ("scratch", "flax", "fused"),
+    "lstm_kernel": ("auto", "fused", "cudnn"),
     "compute_dtype": ("float32", "bfloat16"),
     "optimizer": ("sgd", "adam"),
     "lr_schedule": ("constant", "cosine", "warmup_cosine"),
@@ -43,12 +44,13 @@ def check_choice(name: str, value) -> None:
 
 
 def check_model(*, cell: str, activation: str, gru_variant: str, impl: str, compute_dtype: str,
-                num_layers: int, num_hiddens: int, dropout: float, **_) -> None:
+                num_layers: int, num_hiddens: int, dropout: float, lstm_kernel: str = "auto",
+                **_) -> None:
     """The model flags' checks, shared by RunConfig (flags) and ModelConfig (code that builds a
     model directly, as the benchmark does)."""
     for name, value in (("cell", cell), ("activation", activation),
                         ("gru_variant", gru_variant), ("impl", impl),
-                        ("compute_dtype", compute_dtype)):
+                        ("compute_dtype", compute_dtype), ("lstm_kernel", lstm_kernel)):
         check_choice(name, value)
     for name, value in (("num_layers", num_layers), ("num_hiddens", num_hiddens)):
         if value < 1:
@@ -58,6 +60,16 @@ def check_model(*, cell: str, activation: str, gru_variant: str, impl: str, comp
     if cell == "gru" and gru_variant == "d2l" and impl == "flax":
         raise UsageError("--impl=flax has no d2l-variant GRU (Flax's GRUCell is the cudnn one);"
                          " use --impl=scratch or --gru_variant=cudnn")
+    if lstm_kernel == "cudnn":
+        # jax.experimental.rnn binds cuDNN's LSTM only, in float32 only (its lowering refuses
+        # any other dtype), and only the fused implementation takes a layer kernel.
+        if cell != "lstm" or impl != "fused":
+            raise UsageError(f"--lstm_kernel=cudnn runs LSTM layers of --impl=fused only, not "
+                             f"--cell={cell} --impl={impl}; use --lstm_kernel=auto")
+        if compute_dtype != "float32":
+            raise UsageError(f"--lstm_kernel=cudnn is float32 only (jax.experimental.rnn takes "
+                             f"no {compute_dtype}); use --lstm_kernel=auto or "
+                             "--compute_dtype=float32")
 
 
 def parse_split(text: str) -> tuple[float, float, float]:
@@ -103,6 +115,7 @@ class RunConfig:
     residual: bool = False
     layer_norm: bool = False
     impl: str = "fused"
+    lstm_kernel: str = "auto"
     compute_dtype: str = "float32"
     # optimisation
     optimizer: str = "sgd"
@@ -180,6 +193,10 @@ _HELP = {
     "impl": "fused (the fast path, default: measured faster than the others on CPU and GPU), "
             "scratch (the project's cells from the equations; same parameters as fused) or "
             "flax (Flax's own cells).",
+    "lstm_kernel": "LSTM layers of --impl=fused: fused (deeprnn's own, fused_lstm.py), cudnn "
+                   "(cuDNN through jax.experimental.rnn: CUDA GPUs, float32, one seed) or auto "
+                   "(picks per backend and shape from measured results; never cudnn off a "
+                   "GPU). Checkpoints are the same for all three, so a run may switch.",
     "compute_dtype": "float32 or bfloat16 compute; parameters stay float32.",
     "optimizer": "sgd (the book's) or adam.",
     "lr": "Learning rate (the book uses 2 with SGD; try 2e-3 with adam).",
@@ -273,6 +290,9 @@ def validate(config: RunConfig) -> RunConfig:
     if config.tensorboard and importlib.util.find_spec("tensorboardX") is None:
         raise UsageError("--tensorboard needs tensorboardX, which is not installed: pip install "
                          "tensorboardX, or pass --notensorboard to write metrics.jsonl only")
+    if config.lstm_kernel == "cudnn" and config.num_seeds > 1:
+        raise UsageError(f"--lstm_kernel=cudnn cannot run --num_seeds={config.num_seeds}: "
+                         "jax.experimental.rnn has no vmap rule; use --lstm_kernel=auto")
     config.split_fractions()
     profile_steps(config)
     return config

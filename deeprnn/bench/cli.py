@@ -1,16 +1,21 @@
 """Training-step speed of deeprnn's implementations against PyTorch, in one run.
 
-    python -m deeprnn.bench --configs=d2l,mid,big,depth [--impls=fused,scratch,flax,
-        torch-d2l-loop,torch-tight] [--json=FILE] [--dtype=float32|bfloat16] [--repeats=N]
+    python -m deeprnn.bench --configs=d2l,mid,big,depth,seeds [--impls=fused,cudnn,scratch,
+        flax,torch-d2l-loop,torch-tight,matmul-floor] [--json=FILE] [--dtype=float32|bfloat16]
+        [--precision=highest|tf32|default] [--profile=DIR] [--repeats=N]
     python -m deeprnn.bench --e2e=PATH/time_machine.txt     (the book's recipe end to end)
 
 Prints a table and writes the rows as JSON (after every row, so a run cut short keeps what it
-measured). What a row times and how: deeprnn.bench.rows.
+measured). What a row times and how: deeprnn.bench.rows (seed_rows for the `seeds` config);
+--profile: deeprnn.bench.profile. The header and every row say the matmul precision each side
+ran (PRECISION below).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -19,7 +24,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from deeprnn.bench import end_to_end
+from deeprnn.bench import end_to_end, profile, seed_rows
 from deeprnn.bench.rows import (
     CONFIGS,
     IMPLS,
@@ -38,6 +43,11 @@ from deeprnn.model.build import init_params
 from deeprnn.run.process import enable_compilation_cache, keep_freed_host_memory
 
 PROGRAM = "deeprnn.bench"
+# --precision: (JAX's jax_default_matmul_precision, torch's (matmul, cuDNN) allow_tf32, or None
+# to leave torch's defaults alone). On a CPU every float32 matmul is full float32.
+PRECISION = {"highest": ("highest", (False, False)),
+             "tf32": ("tensorfloat32", (True, True)),
+             "default": (None, None)}
 
 
 def define_flags(values: flags.FlagValues) -> None:
@@ -47,8 +57,14 @@ def define_flags(values: flags.FlagValues) -> None:
     flags.DEFINE_string("json", None, "Write the rows here (a JSON list).", **fv)
     flags.DEFINE_enum("dtype", "float32", list(CHOICES["compute_dtype"]),
                       "Compute dtype of the matmuls (PyTorch: autocast for bfloat16).", **fv)
-    flags.DEFINE_enum("matmul_precision", "highest", ["highest", "tf32"],
-                      "float32 matmuls: full precision, or TF32 on GPUs that have it.", **fv)
+    flags.DEFINE_enum("precision", "highest", list(PRECISION),
+                      "float32 matmuls of both sides: highest (full float32, TF32 off), tf32 "
+                      "(TF32 on GPUs that have it) or default (each library's default, what a "
+                      "user gets: XLA:GPU and cuDNN under PyTorch use TF32, PyTorch's own "
+                      "matmuls do not).", **fv)
+    flags.DEFINE_string("profile", None, "Also write, for every row, a profiler trace of one "
+                        "more repeat under DIR/<config>/<implementation>/ and print the table "
+                        "of its top device ops (deeprnn.bench.profile).", **fv)
     flags.DEFINE_integer("repeats", 5, "Timed repeats of each row, taken round the rows.", **fv)
     flags.DEFINE_integer("steps", 20, "Timed steps per repeat.", **fv)
     flags.DEFINE_integer("steps_per_call", 10, "fused: optimizer steps per jitted call.", **fv)
@@ -78,7 +94,8 @@ class BenchOptions:
     impls: list[str]
     json: str | None
     dtype: str
-    matmul_precision: str
+    precision: str
+    profile: str | None
     repeats: int
     steps: int
     steps_per_call: int
@@ -158,34 +175,58 @@ def main(argv) -> list[dict]:
         return rows
     if not options.no_cache:
         enable_compilation_cache()
-    jax.config.update("jax_default_matmul_precision",
-                      "highest" if options.matmul_precision == "highest" else "tensorfloat32")
-    on_gpu = jax.devices()[0].platform == "gpu"
-    precision = "float32" if options.matmul_precision == "highest" or not on_gpu else "tf32"
-    if options.dtype == "bfloat16":
-        precision = "bf16 (f32 acc)"
-    impls = _usable_impls(options, on_gpu)
+    platform = jax.devices()[0].platform
+    impls = _usable_impls(options, platform)
+    precision = {"deeprnn": jax_precision(options, platform)}
+    if any(i.startswith("torch") for i in impls):
+        from deeprnn.bench import torch_peers  # deferred: torch is optional
+
+        precision["torch"] = ("autocast bf16" if options.dtype == "bfloat16"
+                              else torch_peers.precision_label())
+    sides = "; ".join(f"{side} {label}" for side, label in precision.items())
     print(f"device: {device_name()}  jax {jax.__version__}  dtype {options.dtype}  "
-          f"matmul precision {precision}  load {os.getloadavg()[0]:.1f}  "
-          f"host heap pad {'on' if heap_pad else 'off'}", flush=True)
+          f"matmul precision (--precision={options.precision}): {sides}  "
+          f"load {os.getloadavg()[0]:.1f}  host heap pad {'on' if heap_pad else 'off'}",
+          flush=True)
     rows = []
-    for config in options.configs:
-        for shape in CONFIGS[config]:
-            shape = dataclasses.replace(shape, cell=options.cell)
-            rows += _time_shape(shape, impls, options, precision, on_gpu, rows)
-            _write_json(options.json, rows)
+    jax_setting, _ = PRECISION[options.precision]
+    # A context, not jax.config.update: the rows compile inside it, and a caller in the same
+    # process (the tests) keeps its own setting.
+    with (jax.default_matmul_precision(jax_setting) if jax_setting
+          else contextlib.nullcontext()):
+        for config in options.configs:
+            for shape in CONFIGS[config]:
+                shape = dataclasses.replace(shape, cell=options.cell)
+                rows += _time_shape(shape, impls, options, precision, rows)
+                _write_json(options.json, rows)
     print(format_table(rows))
     return rows
 
 
-def _usable_impls(options: BenchOptions, on_gpu: bool) -> list[str]:
-    """The rows asked for; the torch rows only where torch imports (set up for timing)."""
+def jax_precision(options: BenchOptions, platform: str) -> str:
+    """What deeprnn's float32 matmuls run as under --precision, on this platform."""
+    if options.dtype == "bfloat16":
+        return "bf16 (f32 acc)"
+    if platform == "cpu" or options.precision == "highest":
+        return "float32"
+    if platform == "tpu" and options.precision == "default":
+        return "bf16 passes (XLA:TPU default)"
+    return "tf32" if options.precision == "tf32" else "tf32 (XLA default)"
+
+
+def _usable_impls(options: BenchOptions, platform: str) -> list[str]:
+    """The rows asked for; torch rows only where torch imports (set up for timing), cudnn
+    only on a GPU (jax.experimental.rnn lowers nowhere else) and in float32."""
     impls = list(options.impls)
+    if "cudnn" in impls and (platform != "gpu" or options.dtype != "float32"):
+        print(f"note: skipping the cudnn row: cuDNN's LSTM binding runs on CUDA GPUs in float32 "
+              f"only (this is {platform}, {options.dtype})", file=sys.stderr)
+        impls.remove("cudnn")
     if any(i.startswith("torch") for i in impls):
         if torch_available():
             from deeprnn.bench import torch_peers  # deferred: torch is optional
 
-            torch_peers.set_precision(options.matmul_precision if on_gpu else "highest")
+            torch_peers.set_precision(PRECISION[options.precision][1])
             torch_peers.set_threads(options.torch_threads)
         else:
             print("note: torch is not importable; skipping the torch rows "
@@ -194,44 +235,89 @@ def _usable_impls(options: BenchOptions, on_gpu: bool) -> list[str]:
     return impls
 
 
-def _torch_precision(options: BenchOptions, on_gpu: bool) -> str:
-    if options.dtype == "bfloat16":
-        return "autocast bf16"
-    return "tf32" if on_gpu and options.matmul_precision == "tf32" else "float32"
-
-
-def _time_shape(shape, impls, options: BenchOptions, precision: str, on_gpu: bool,
-                earlier_rows: list[dict]) -> list[dict]:
-    """Every row of one shape, from the same initial parameters and batches."""
+def _todo(shape, impls, options: BenchOptions):
+    """(row name, prepare() -> (facts, time_repeat)) for every row of one shape."""
     base = init_params(model_config(shape, "scratch", "float32"), jax.random.PRNGKey(0))
     base = jax.tree.map(np.asarray, base)
     stream, starts = random_stream(shape, 20)
-    todo = [(impl, None) for impl in impls] + [
-        (f"fused({s},u{u}{'' if mode == 'hand' else ',' + mode})", (s, u, mode))
-        for s, u, mode in options.variants]
+    if shape.seeds:
+        return [(name, functools.partial(seed_rows.prepare_seeds, count, mode, shape, base,
+                                         stream, starts, options))
+                for name, count, mode in seed_rows.seed_row_names(shape)]
+    todo = [(impl, functools.partial(prepare_row, impl, shape, base, stream, starts, options))
+            for impl in impls]
+    for s, u, mode in options.variants:
+        name = f"fused({s},u{u}{'' if mode == 'hand' else ',' + mode})"
+        todo.append((name, functools.partial(prepare_row, "fused", shape, base, stream, starts,
+                                             options, (s, u, mode))))
+    return todo
+
+
+def _time_shape(shape, impls, options: BenchOptions, precision: dict[str, str],
+                earlier_rows: list[dict]) -> list[dict]:
+    """Every row of one shape, from the same initial parameters and batches."""
     prepared = {}
-    for impl, variant in todo:
+    for name, prepare in _todo(shape, impls, options):
         try:
-            prepared[impl] = prepare_row(impl, shape, base, stream, starts, options, variant)
+            prepared[name] = prepare()
         except Exception as err:  # one failing row must not lose the others
-            print(f"{shape.name} {impl}: failed: {type(err).__name__}: {err}",
+            print(f"{shape.name} {name}: failed: {type(err).__name__}: {err}",
                   file=sys.stderr, flush=True)
     ms_per_step = time_rows(prepared, options.repeats, shape.name)
     rows = []
     for impl, ms in ms_per_step.items():
         facts = prepared[impl][0]
+        tokens = facts.pop("tokens_per_step", shape.batch * shape.steps)
+        side = "torch" if impl.startswith("torch") else "deeprnn"
         row = {"implementation": impl, "config": shape.name, "ms_per_step": ms, **facts,
-               "tokens_per_sec": shape.batch * shape.steps / (ms / 1e3),
-               "dtype": options.dtype,
-               "matmul_precision": (_torch_precision(options, on_gpu)
-                                    if impl.startswith("torch") else precision),
+               "tokens_per_sec": tokens / (ms / 1e3), "dtype": options.dtype,
+               "matmul_precision": precision[side], "precision": options.precision,
                "steps_per_call": facts.get("steps_per_call", 1),
                "shape": dataclasses.asdict(shape)}
         rows.append(row)
         print(f"  {shape.name} {impl}: {ms:.2f} ms/step, loss@k {format_loss(row)}", flush=True)
         _write_json(options.json, earlier_rows + rows)
+    _check_same_work(rows, options)
     base_row = next((r for r in rows if r["implementation"] == "torch-d2l-loop"), None)
     for row in rows:
         row["ratio_vs_torch_d2l_loop"] = (None if base_row is None else
                                           row["tokens_per_sec"] / base_row["tokens_per_sec"])
+    if shape.seeds:
+        seed_rows.one_seed_ratios(rows)
+    if options.profile:
+        for row in rows:
+            _profile(row, prepared[row["implementation"]][1], options)
+            _write_json(options.json, earlier_rows + rows)
     return rows
+
+
+def _check_same_work(rows: list[dict], options: BenchOptions) -> None:
+    """A warning for a row whose loss after k steps is not the first row's: rows start from
+    the same parameters on the same batches, so a difference means one computes something
+    else (on a GPU, the check that cuDNN's packed layout is the one cudnn_lstm.py writes)."""
+    losses = [r for r in rows if r["loss_after_k"] is not None]
+    # Full float32 agrees to ~1e-6; TF32 and bfloat16 round differently on each side.
+    tolerance = 1e-3 if options.dtype == "float32" and options.precision == "highest" else 2e-2
+    for row in losses[1:]:
+        first = losses[0]
+        gap = abs(row["loss_after_k"] - first["loss_after_k"])
+        if gap > tolerance * abs(first["loss_after_k"]):
+            print(f"warning: {row['config']} {row['implementation']}: loss after k steps "
+                  f"{row['loss_after_k']:.5f}, {first['implementation']} "
+                  f"{first['loss_after_k']:.5f}: the rows should do the same work",
+                  file=sys.stderr, flush=True)
+
+
+def _profile(row: dict, time_repeat, options: BenchOptions) -> None:
+    """row["profile"]: one more repeat under the profiler, its trace and top-ops table."""
+    directory = profile.row_directory(options.profile, row["config"], row["implementation"])
+    try:
+        row["profile"] = profile.profile_row(time_repeat, directory, options.steps,
+                                             row["implementation"].startswith("torch"),
+                                             getattr(time_repeat, "compiled_hlo", None))
+    except Exception as err:  # a profile that fails must not lose the timed rows
+        print(f"{row['config']} {row['implementation']}: profile failed: "
+              f"{type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        return
+    print(profile.format_ops(f"{row['config']} {row['implementation']}", row["profile"]),
+          flush=True)

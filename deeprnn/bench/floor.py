@@ -89,5 +89,6 @@ def prepare_floor(shape, dtype: str, steps: int, unroll: int, device: str):
         jax.block_until_ready(result)
         return (time.perf_counter() - start) / steps
 
+    time_repeat.compiled_hlo = compiled.as_text  # for --profile's table (describe_ops)
     return {"compile_s": compile_s, "peak_mem_bytes": mem, "loss_after_k": None,
             "steps_per_call": 1, "device": device}, time_repeat

@@ -9,8 +9,10 @@ peer: the step's matmuls alone as XLA runs them on the device (floor.py).
 Compile / warm-up time is excluded from ms_per_step and reported; ms_per_step is the median
 over repeats (taken round the rows in turn, so that load changes hit every row alike), clocks
 read after block_until_ready / torch.cuda.synchronize. `fused` runs --steps_per_call steps per
-jitted call (deeprnn.training.device_batches, batches resident on the device); scratch and flax
-run one jitted step per call.
+jitted call (deeprnn.training.device_batches, batches resident on the device) with deeprnn's
+own LSTM layer (--lstm_kernel=fused); `cudnn` is the same call with cuDNN's LSTM
+(--lstm_kernel=cudnn, GPUs only); scratch and flax run one jitted step per call. The `seeds`
+config's rows are in seed_rows.py.
 compile_s: JAX rows, lowering + compiling the call (near zero on a warm persistent cache: pass
 --no_cache for a cold number); torch rows, the first k steps (cuDNN plans, allocator warm-up).
 peak_mem_bytes: JAX rows, XLA's buffer total of the compiled call (arguments + outputs +
@@ -49,6 +51,7 @@ class Shape:
     batch: int
     steps: int
     cell: str = "lstm"
+    seeds: tuple[int, ...] = ()  # a `seeds` config: K seeds per row (seed_rows.py)
 
 
 CONFIGS = {
@@ -56,9 +59,11 @@ CONFIGS = {
     "mid": [Shape("mid", 96, 512, 3, 128, 64)],
     "big": [Shape("big", 256, 1024, 4, 256, 128)],
     "depth": [Shape(f"depth{n}", 28, 256, n, 32, 35) for n in (1, 2, 4, 8)],
+    "seeds": [Shape("seeds", 28, 256, 2, 32, 35, seeds=(1, 4, 16))],  # the d2l shape
     "tiny": [Shape("tiny", 11, 16, 2, 4, 6)],  # for tests
+    "tiny-seeds": [Shape("tiny-seeds", 11, 16, 2, 4, 6, seeds=(1, 3))],  # for tests
 }
-IMPLS = ("fused", "scratch", "flax", "torch-d2l-loop", "torch-tight", "matmul-floor")
+IMPLS = ("fused", "cudnn", "scratch", "flax", "torch-d2l-loop", "torch-tight", "matmul-floor")
 VARIANT_MODES = ("hand", "autodiff", "generic", "graph")
 # The `graph` variant: XLA:GPU records the whole compiled call, its while loops included (CUDA
 # graph conditional nodes), as command buffers replayed from the device, instead of launching
@@ -96,20 +101,36 @@ def host_batches(stream, starts, num_steps):
     return window[..., :-1], window[..., 1:]
 
 
-def model_config(shape: Shape, impl: str, dtype: str) -> ModelConfig:
+def model_config(shape: Shape, impl: str, dtype: str, lstm_kernel: str = "fused"
+                 ) -> ModelConfig:
+    """The row's model; fused rows name their LSTM kernel (never auto: a row times one)."""
     return ModelConfig(vocab_size=shape.vocab, num_hiddens=shape.hidden,
-                              num_layers=shape.layers, cell=shape.cell, impl=impl,
-                              compute_dtype=dtype)
+                       num_layers=shape.layers, cell=shape.cell, impl=impl,
+                       compute_dtype=dtype,
+                       lstm_kernel=lstm_kernel if impl == "fused" else "auto")
+
+
+def compile_call(call, args, compiler_options=None):
+    """(compiled, compile_s, peak_mem_bytes) of a jitted call on these arguments."""
+    start = time.perf_counter()
+    compiled = call.lower(*args).compile(compiler_options)
+    compile_s = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    mem = None if memory is None else int(memory.argument_size_in_bytes
+                                         + memory.output_size_in_bytes
+                                         + memory.temp_size_in_bytes
+                                         - memory.alias_size_in_bytes)
+    return compiled, compile_s, mem
 
 
 def prepare_jax(impl: str, shape: Shape, base_params, stream, starts, args, *,
                 schedule="auto", unroll=None, hand_vjp=True, lstm_layer=True,
-                compiler_options=None):
+                compiler_options=None, lstm_kernel="fused"):
     """One deeprnn row, compiled and warmed up: (facts, time_repeat). `fused` runs through
     device_batches (steps_per_call per call), the others one jitted step per call. The first
     k = steps_per_call steps give loss_after_k; time_repeat() runs args.steps more and returns
     seconds per step."""
-    cfg = model_config(shape, impl, args.dtype)
+    cfg = model_config(shape, impl, args.dtype, lstm_kernel)
     if impl == "fused":
         model = FusedDeepRNN(cfg, schedule=schedule, unroll=unroll, hand_vjp=hand_vjp,
                              lstm_layer=lstm_layer)
@@ -126,15 +147,8 @@ def prepare_jax(impl: str, shape: Shape, base_params, stream, starts, args, *,
     resets = jnp.ones((spc,), bool)
     ids = jnp.asarray(stream)  # resident on the device; each call gets window starts only
     call = make_resident_multi_step(model.apply, tx, shape.steps)
-    start = time.perf_counter()
-    compiled = call.lower(state, ids, jnp.asarray(starts[:spc]), carry, resets).compile(
-        compiler_options)
-    compile_s = time.perf_counter() - start
-    memory = compiled.memory_analysis()
-    mem = None if memory is None else int(memory.argument_size_in_bytes
-                                         + memory.output_size_in_bytes
-                                         + memory.temp_size_in_bytes
-                                         - memory.alias_size_in_bytes)
+    compiled, compile_s, mem = compile_call(
+        call, (state, ids, jnp.asarray(starts[:spc]), carry, resets), compiler_options)
     k, losses, calls = args.steps_per_call, None, 0
 
     def run_calls(count):
@@ -156,14 +170,16 @@ def prepare_jax(impl: str, shape: Shape, base_params, stream, starts, args, *,
         run_calls(args.steps // spc)
         return (time.perf_counter() - start) / args.steps
 
+    time_repeat.compiled_hlo = compiled.as_text  # for --profile's table (describe_ops)
+
     return {"compile_s": compile_s, "peak_mem_bytes": mem, "loss_after_k": loss_k,
             "steps_per_call": spc, "device": device_name()}, time_repeat
 
 
 def prepare_row(impl: str, shape: Shape, base_params, stream, starts, args, variant=None):
     if impl == "matmul-floor":
-        return floor.prepare_floor(shape, args.dtype, args.steps, default_unroll("layerwise"),
-                                   device_name())
+        return floor.prepare_floor(shape, args.dtype, args.steps,
+                                   default_unroll("layerwise", args.dtype), device_name())
     if impl.startswith("torch"):
         from deeprnn.bench import torch_peers  # deferred: torch is optional (the [bench] extra)
 
@@ -171,6 +187,9 @@ def prepare_row(impl: str, shape: Shape, base_params, stream, starts, args, vari
         return torch_peers.prepare_torch(impl.removeprefix("torch-"), shape, base_params, xs,
                                          ys, dtype=args.dtype, lr=LR, clip=CLIP,
                                          k=args.steps_per_call, steps=args.steps)
+    if impl == "cudnn":
+        return prepare_jax("fused", shape, base_params, stream, starts, args,
+                           lstm_kernel="cudnn")
     if variant is not None:
         return prepare_jax("fused", shape, base_params, stream, starts, args,
                            schedule=variant[0], unroll=variant[1],
@@ -196,18 +215,21 @@ def time_rows(prepared: dict, repeats: int, label: str) -> dict[str, float]:
 
 
 def format_table(rows) -> str:
-    head = (f"{'config':8} {'implementation':30} {'dtype':8} {'precision':14} {'ms/step':>8} "
-            f"{'tokens/s':>10} {'vs d2l-loop':>11} {'compile_s':>9} {'peak MiB':>8} "
-            f"{'loss@k':>8}")
+    """The rows; `ratio` is tokens/s against torch-d2l-loop, or for a `seeds` config against
+    its 1-seed row."""
+    head = (f"{'config':10} {'implementation':30} {'dtype':8} {'precision':18} {'ms/step':>8} "
+            f"{'tokens/s':>10} {'ratio':>7} {'compile_s':>9} {'peak MiB':>8} {'loss@k':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        ratio = r["ratio_vs_torch_d2l_loop"]
+        ratio = r.get("ratio_vs_one_seed", r["ratio_vs_torch_d2l_loop"])
         ratio = "-" if ratio is None else f"{ratio:.2f}x"
         mem = "-" if r["peak_mem_bytes"] is None else f"{r['peak_mem_bytes'] / 2**20:.0f}"
         lines.append(
-            f"{r['config']:8} {r['implementation']:30} {r['dtype']:8} {r['matmul_precision']:14} "
-            f"{r['ms_per_step']:8.2f} {r['tokens_per_sec']:10.0f} {ratio:>11} "
-            f"{r['compile_s']:9.1f} {mem:>8} {format_loss(r):>8}")
+            f"{r['config']:10} {r['implementation']:30} {r['dtype']:8} "
+            f"{r['matmul_precision']:18} {r['ms_per_step']:8.2f} {r['tokens_per_sec']:10.0f} "
+            f"{ratio:>7} {r['compile_s']:9.1f} {mem:>8} {format_loss(r):>8}")
+    lines.append("ratio: tokens/s against torch-d2l-loop (a seeds config: against its 1-seed "
+                 "row, aggregate over the seeds)")
     return "\n".join(lines)
 
 

@@ -101,12 +101,21 @@ def set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def set_precision(matmul_precision: str) -> str:
-    """Full float32 or TF32 for torch's matmuls and cuDNN; returns the label for the rows."""
-    tf32 = matmul_precision == "tf32"
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
-    return "tf32" if tf32 else "float32"
+def set_precision(allow_tf32: tuple[bool, bool] | None) -> str:
+    """TF32 for torch's (matmuls, cuDNN), or None to keep torch's defaults (matmuls float32,
+    cuDNN TF32); returns precision_label()."""
+    if allow_tf32 is not None:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = allow_tf32
+    return precision_label()
+
+
+def precision_label() -> str:
+    """What torch's float32 matmuls and cuDNN RNNs run as on this device."""
+    if not torch.cuda.is_available():
+        return "float32"
+    matmul = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "float32"
+    cudnn = "tf32" if torch.backends.cudnn.allow_tf32 else "float32"
+    return matmul if matmul == cudnn else f"matmul {matmul}, cuDNN {cudnn}"
 
 
 def prepare_torch(style: str, shape, params, xs: np.ndarray, ys: np.ndarray, *, dtype: str,
@@ -182,6 +191,19 @@ def prepare_torch(style: str, shape, params, xs: np.ndarray, ys: np.ndarray, *, 
         return (time.perf_counter() - start) / steps
 
     return facts, time_repeat
+
+
+def profile_steps(time_repeat, directory) -> str:
+    """One more repeat of a torch row under torch.profiler; returns its Chrome trace's path
+    (deeprnn.bench.profile reads the table back from it)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        time_repeat()
+    path = f"{directory}/trace.json"
+    prof.export_chrome_trace(path)
+    return path
 
 
 def d2l_time_machine_corpus(path: str, max_tokens: int = 10000):
@@ -278,7 +300,7 @@ def main(argv) -> dict:
         raise UsageError("give the text as --text=PATH/time_machine.txt, and only flags")
     keep_freed_host_memory()  # as in the deeprnn process it is compared with
     set_threads(values.threads)
-    set_precision("highest")
+    set_precision((False, False))  # full float32, as the deeprnn process it is compared with
     result = d2l_recipe_end_to_end(values.text, num_epochs=values.epochs)
     print(json.dumps(result), flush=True)
     return result

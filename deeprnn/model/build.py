@@ -33,7 +33,7 @@ def init_params(config: ModelConfig, rng: jax.Array) -> dict:
     The flax implementation gets the scratch initialisation converted (Flax's cells cannot set
     the LSTM forget bias alone), so that the two implementations start from the same point.
     """
-    scratch = ScratchDeepRNN(dataclasses.replace(config, impl="scratch"))
+    scratch = ScratchDeepRNN(dataclasses.replace(config, impl="scratch", lstm_kernel="auto"))
     tokens = jnp.zeros((1, 1), jnp.int32)
     params = {"params": jax.jit(scratch.init)(rng, tokens)["params"]}
     if config.impl == "flax":

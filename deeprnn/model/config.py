@@ -31,6 +31,7 @@ class ModelConfig:
     residual: bool = False
     layer_norm: bool = False
     impl: str = "scratch"  # "scratch" | "flax" | "fused"
+    lstm_kernel: str = "auto"  # fused only: "auto" | "fused" | "cudnn" (model/lstm_kernels.py)
     compute_dtype: str = "float32"  # "float32" | "bfloat16"; params always float32
 
     def __post_init__(self):

@@ -21,18 +21,21 @@ Same parameters, outputs and gradients as the scratch model; what changes is the
 - LSTM stacks on the layerwise schedule use fused_lstm.py, whose backward is written out
   in full (no cell re-run, one gate-gradient buffer): the same speed on the 2-core CPU, a third
   less memory (XLA's buffer total for the gradient of the big config: 10.3 GB -> 6.9 GB).
+- LSTM stacks may instead run through cuDNN (cudnn_lstm.py), from the same parameters:
+  `lstm_kernel` ("auto" picks per backend and shape, lstm_kernels.py).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from deeprnn.errors import UsageError
-from deeprnn.model import cells, fused_lstm, stack
+from deeprnn.model import cells, cudnn_lstm, fused_lstm, lstm_kernels, stack
 from deeprnn.model.config import ModelConfig, compute_dtype
 
 GATES = cells.GATES
@@ -50,11 +53,16 @@ WAVEFRONT_MIN_LAYERS = 4
 # 2 at 2 layers (2 was faster).
 DEFAULT_UNROLL = {("cpu", "layerwise"): 2, ("cpu", "wavefront"): 1,
                   ("gpu", "layerwise"): 8, ("gpu", "wavefront"): 1}
+# bfloat16 on the CPU: unroll 1 (the layerwise step and the matmul floor alike). Same-run A/B
+# of layerwise:1 against unroll 2 (bench --fused_variants=layerwise:1, 2-core AMD EPYC with
+# avx512_bf16, November 2026, commit 51cbbbe): fused 0.97 / 0.95 with the machine quiet, 0.80-0.88
+# under load 2-4; the floor 0.94 quiet. In float32 unroll 2 stays: 1.01-1.13 quiet.
+DTYPE_UNROLL = {("cpu", "layerwise", "bfloat16"): 1}
 
 
-def default_unroll(schedule: str) -> int:
+def default_unroll(schedule: str, dtype: str = "float32") -> int:
     backend = "cpu" if jax.default_backend() == "cpu" else "gpu"
-    return DEFAULT_UNROLL[(backend, schedule)]
+    return DTYPE_UNROLL.get((backend, schedule, dtype), DEFAULT_UNROLL[(backend, schedule)])
 
 
 _mm = fused_lstm.mm
@@ -193,7 +201,7 @@ class FusedDeepRNN(nn.Module):
 
     schedule: "auto" picks by depth and features (WAVEFRONT_MIN_LAYERS; dropout, residual and
     layer norm need the layerwise schedule), or force "wavefront" / "layerwise".
-    unroll: scan unroll; None takes DEFAULT_UNROLL for the backend and schedule in use.
+    unroll: scan unroll; None takes default_unroll for the backend, schedule and dtype.
     """
 
     config: ModelConfig
@@ -203,6 +211,22 @@ class FusedDeepRNN(nn.Module):
     # False: LSTM layers take the general recurrence instead of fused_lstm (same
     # results; kept to measure the difference, as `--fused_variants=...:generic` does)
     lstm_layer: bool = True
+    # The cuDNN kernel's function, jax.experimental.rnn.lstm's signature; None is that binding.
+    # Tests pass cudnn_lstm.packed_lstm_reference to run the cuDNN path on a CPU.
+    packed_lstm: Callable | None = None
+
+    def chosen_kernel(self, batch: int) -> str:
+        """"fused" or "cudnn" for this config's LSTM layers (config.lstm_kernel, resolved)."""
+        cfg = self.config
+        if cfg.cell != "lstm" or not (self.hand_vjp and self.lstm_layer):
+            return "fused"  # the bench's autodiff / generic variants measure the fused path
+        backend = jax.default_backend()
+        kernel = lstm_kernels.choose_lstm_kernel(cfg.lstm_kernel, backend=backend,
+                                                 dtype=cfg.compute_dtype,
+                                                 hidden=cfg.num_hiddens, batch=batch)
+        if self.packed_lstm is None:
+            lstm_kernels.check_backend(kernel, backend)
+        return kernel
 
     def chosen_schedule(self) -> str:
         cfg = self.config
@@ -230,10 +254,15 @@ class FusedDeepRNN(nn.Module):
             raise UsageError(f"carry has {len(carry)} layers, the model {num_layers}: "
                              "pass init_carry(config, batch_size)")
         states = [tuple(c) if cfg.cell == "lstm" else (c,) for c in carry]
+        if self.chosen_kernel(batch) == "cudnn":
+            top, time_major, finals = cudnn_lstm.cudnn_layers(cfg, layers, tokens, states,
+                                                              train, self.packed_lstm)
+            logits = stack.OutputLayer(cfg.vocab_size, cfg.dtype, name="output")(top)
+            return (logits.transpose(1, 0, 2) if time_major else logits), tuple(finals)
         schedule = self.chosen_schedule()
+        unroll = self.unroll or default_unroll(schedule, cfg.compute_dtype)
         recurrence = make_recurrence(cfg.cell, cfg.activation, cfg.gru_variant, cfg.compute_dtype,
-                                     num_steps, self.unroll or default_unroll(schedule),
-                                     self.hand_vjp)
+                                     num_steps, unroll, self.hand_vjp)
         dtype = cfg.dtype
 
         def recurrent_bias(layer):
@@ -264,15 +293,15 @@ class FusedDeepRNN(nn.Module):
             finals, top, xs = [], None, x0
             # The LSTM has its backward written out (fused_lstm.py); other cells use the
             # general recurrence with one layer.
-            lstm_layer = (fused_lstm.make_lstm_layer(cfg.compute_dtype,
-                                                     self.unroll or default_unroll(schedule))
+            lstm_layer = (fused_lstm.make_lstm_layer(cfg.compute_dtype, unroll)
                           if cfg.cell == "lstm" and self.hand_vjp and self.lstm_layer
                           else None)
+            project = fused_lstm.make_projection(cfg.compute_dtype)
             no_w = jnp.zeros((0, hidden, gate_width))
             no_b = jnp.zeros((0, gate_width))
             for index, layer in enumerate(layers):
                 if index > 0:
-                    xs = _mm("tbh,hg->tbg", top, layer["W_x"], dtype) + layer["b"]
+                    xs = project(top, layer["W_x"], layer["b"])
                 if lstm_layer is not None:
                     ys, final = lstm_layer(xs, layer["W_h"], *states[index])
                     finals.append(final)

@@ -29,6 +29,7 @@ import numpy as np
 
 from deeprnn.config import RunConfig, profile_steps
 from deeprnn.data import vocab
+from deeprnn.model import lstm_kernels
 from deeprnn.model.generation import generate
 from deeprnn.run.checkpoints import RunCheckpoints, save_best
 from deeprnn.run.console import ProgressLine, final_line
@@ -91,6 +92,7 @@ def train_and_evaluate(config: RunConfig, workdir: str) -> dict:
     keep_freed_host_memory()
     start_multihost(config.multihost, config.coordinator_address, config.num_processes,
                     config.process_id)
+    lstm_kernels.check_backend(config.lstm_kernel, jax.default_backend())
     multihost = jax.process_count() > 1
     with locked_workdir(workdir, multihost), StopSignals(multihost) as stop:
         start_time = time.time()

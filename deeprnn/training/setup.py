@@ -30,7 +30,10 @@ def model_config_for(config: RunConfig, vocab_size: int) -> ModelConfig:
         vocab_size=vocab_size, num_hiddens=config.num_hiddens, num_layers=config.num_layers,
         cell=config.cell, activation=config.activation, gru_variant=config.gru_variant,
         dropout=config.dropout, residual=config.residual, layer_norm=config.layer_norm,
-        impl=config.impl, compute_dtype=config.compute_dtype)
+        impl=config.impl, compute_dtype=config.compute_dtype,
+        # Seeds are vmapped and cuDNN's binding has no vmap rule, so auto stays off it.
+        lstm_kernel="fused" if config.num_seeds > 1 and config.lstm_kernel == "auto"
+        else config.lstm_kernel)
 
 
 def load_splits(config: RunConfig, saved_vocab: vocab.Vocab | None = None) -> vocab.Splits:

@@ -40,9 +40,12 @@ class TrainedRun:
 
 
 def run_config_from(meta: dict) -> RunConfig:
-    """The flags a checkpoint saved (flags added since it was written take their defaults)."""
+    """The flags a checkpoint saved (flags added since it was written take their defaults).
+    The LSTM kernel is a choice of the machine that trained, not of the checkpoint (its layout
+    is the same for every kernel): a run trained with cuDNN is read back anywhere, as `auto`."""
     known = {f.name for f in dataclasses.fields(RunConfig)}
-    return RunConfig(**{k: v for k, v in meta["flags"].items() if k in known})
+    return RunConfig(**{k: v for k, v in meta["flags"].items()
+                        if k in known and k != "lstm_kernel"}, lstm_kernel="auto")
 
 
 def load_trained_run(workdir: str) -> TrainedRun:

@@ -32,11 +32,69 @@ def test_bench_writes_rows_with_equal_losses(tmp_path, capsys):
     assert "fused" in capsys.readouterr().out
 
 
+def test_a_row_that_does_other_work_is_flagged(capsys):
+    """Equal losses after k steps are the proof that rows do the same work (on a GPU, that
+    cuDNN reads the packed weights as cudnn_lstm.py writes them): a difference is said."""
+    options = bench.parse_options([])
+    rows = [{"config": "big", "implementation": name, "loss_after_k": loss}
+            for name, loss in (("fused", 3.3328), ("matmul-floor", None), ("cudnn", 3.3329),
+                               ("torch-tight", 3.41))]
+    bench._check_same_work(rows, options)
+    err = capsys.readouterr().err
+    assert "torch-tight: loss after k steps 3.41000, fused 3.33280" in err
+    assert "cudnn" not in err and "floor" not in err
+
+
 def test_bench_rejects_unknown_config_and_repeated_rows():
     with pytest.raises(UsageError, match="--configs"):
         bench.main(["--configs=huge"])
     with pytest.raises(UsageError, match="--impls names fused twice"):
         bench.main(["--impls=fused,scratch,fused"])
+
+
+def test_seed_rows_aggregate_tokens_over_seeds_that_train_apart():
+    """The seeds config: K vmapped seeds and K separate runs do the same work seed for seed
+    (seed 0 that of every other row), and tokens/s counts every seed's tokens."""
+    rows = bench.main(["--configs=tiny,tiny-seeds", "--impls=fused", "--repeats=1",
+                       "--steps=2", "--steps_per_call=2", "--no_cache"])
+    fused, one, vmap, separate = rows
+    assert [r["implementation"] for r in rows[1:]] == [
+        "fused x 1 seed", "fused x 3 seeds (vmap)", "fused x 3 seeds (separate)"]
+    assert [r["seeds"] for r in rows[1:]] == [1, 3, 3]
+    for row in rows[1:]:
+        assert row["loss_after_k"] == pytest.approx(fused["loss_after_k"], abs=1e-5)
+        shape = row["shape"]
+        tokens = row["seeds"] * shape["batch"] * shape["steps"]
+        assert row["tokens_per_sec"] == pytest.approx(tokens / (row["ms_per_step"] / 1e3))
+        assert row["ratio_vs_one_seed"] == pytest.approx(
+            row["tokens_per_sec"] / one["tokens_per_sec"])
+    assert vmap["loss_after_k_per_seed"] == pytest.approx(separate["loss_after_k_per_seed"],
+                                                          abs=1e-5)
+    assert len(set(vmap["loss_after_k_per_seed"])) == 3  # each seed its own init and data
+    assert "ratio_vs_one_seed" not in fused
+
+
+@pytest.mark.parametrize("precision,dtype,deeprnn,torch", [
+    ("highest", "float32", "float32", "float32"),
+    ("default", "float32", "float32", "float32"),  # a CPU has no TF32
+    ("tf32", "bfloat16", "bf16 (f32 acc)", "autocast bf16")])
+def test_header_and_rows_say_each_sides_precision(precision, dtype, deeprnn, torch, capsys):
+    impls = "fused,cudnn" + (",torch-tight" if bench.torch_available() else "")
+    rows = bench.main(["--configs=tiny", f"--impls={impls}", "--repeats=1", "--steps=2",
+                       "--steps_per_call=2", "--no_cache", f"--precision={precision}",
+                       f"--dtype={dtype}"])
+    captured = capsys.readouterr()
+    header = captured.out.splitlines()[0]
+    assert f"matmul precision (--precision={precision}): deeprnn {deeprnn}" in header
+    # cuDNN's binding lowers on CUDA GPUs only: the row is skipped here, saying why.
+    assert "skipping the cudnn row" in captured.err
+    assert [r["implementation"] for r in rows][:1] == ["fused"]
+    for row in rows:
+        assert row["precision"] == precision
+        assert row["matmul_precision"] == (torch if row["implementation"].startswith("torch")
+                                           else deeprnn)
+    if bench.torch_available():
+        assert f"; torch {torch}" in header
 
 
 @pytest.mark.parametrize("spec", ["layerwise", "diagonal:2", "layerwise:0", "layerwise:2:fast",
@@ -106,10 +164,9 @@ def test_end_to_end_refuses_another_text_file(tmp_path):
         bench.main([f"--e2e={other}"])
 
 
-def test_gpu_bench_script_runs_every_stage_with_valid_bench_flags(tmp_path):
-    """launch/gpu_bench.sh against a stand-in `python` that records its arguments: every
-    stage runs (a failing one does not stop the next), writes its JSON under $OUT, and passes
-    flags that deeprnn.bench accepts."""
+def _run_gpu_bench(tmp_path, *stages):
+    """launch/gpu_bench.sh against a stand-in `python` that records its arguments (and fails
+    the depth stage); returns (the finished process, the argv of every python call)."""
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
     calls = tmp_path / "calls.jsonl"
@@ -123,12 +180,39 @@ def test_gpu_bench_script_runs_every_stage_with_valid_bench_flags(tmp_path):
     (workdir / ".data" / "time_machine.txt").write_text("text\n")
     env = {**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}", "OUT": str(tmp_path / "out")}
     script = REPO / "launch" / "gpu_bench.sh"
-    done = subprocess.run(["bash", script], cwd=workdir, env=env, capture_output=True, text=True)
+    done = subprocess.run(["bash", script, *stages], cwd=workdir, env=env, capture_output=True,
+                          text=True)
+    argvs = ([json.loads(line) for line in calls.read_text().splitlines()]
+             if calls.exists() else [])
+    return done, argvs
+
+
+def _json_names(argvs):
+    return [next(a for a in argv if a.startswith("--json=")).split("/")[-1] for argv in argvs]
+
+
+def test_gpu_bench_script_runs_every_stage_with_valid_bench_flags(tmp_path):
+    """Every stage runs (a failing one does not stop the next), writes its JSON under $OUT,
+    and passes flags that deeprnn.bench accepts; the big config is profiled in both dtypes and
+    timed with cuDNN's kernel, and the seeds config is there."""
+    done, argvs = _run_gpu_bench(tmp_path)
     assert done.returncode == 0, done.stderr
     assert "=== depth failed" in done.stdout
-    argvs = [json.loads(line) for line in calls.read_text().splitlines()]
-    names = [next(a for a in argv if a.startswith("--json=")).split("/")[-1] for argv in argvs]
-    assert names == ["d2l.json", "depth.json", "big_fp32.json", "big_bf16.json", "e2e.json"]
+    assert _json_names(argvs) == ["big_bf16.json", "big_fp32.json", "big_default.json",
+                                  "d2l.json", "seeds.json", "mid.json", "depth.json",
+                                  "e2e.json"]
+    by_name = dict(zip(_json_names(argvs), argvs, strict=True))
     for argv in argvs:
         assert argv[:2] == ["-m", "deeprnn.bench"]
         bench.parse_options(argv[2:])  # a UsageError for an unknown or malformed flag
+    for name in ("big_bf16", "big_fp32"):
+        assert any(a.startswith("--profile=") for a in by_name[f"{name}.json"])
+    assert "cudnn" in bench.parse_options(by_name["big_fp32.json"][2:]).impls
+    assert bench.parse_options(by_name["big_default.json"][2:]).precision == "default"
+    assert bench.parse_options(by_name["seeds.json"][2:]).configs == ["seeds"]
+
+
+def test_gpu_bench_script_runs_only_the_stages_named(tmp_path):
+    done, argvs = _run_gpu_bench(tmp_path, "seeds", "big_fp32")
+    assert done.returncode == 0, done.stderr
+    assert _json_names(argvs) == ["big_fp32.json", "seeds.json"]  # in the script's order

@@ -20,6 +20,7 @@ from deeprnn.model.stack import init_carry
 from deeprnn.training.device_batches import make_resident_multi_step, sampler_starts
 from deeprnn.training.optimizer import make_optimizer
 from deeprnn.training.train_step import TrainState, train_step, train_steps
+from tests.model.equality import assert_close, outputs_and_grads, random_carry
 
 CELLS = [("rnn", "tanh", "cudnn"), ("rnn", "relu", "cudnn"), ("gru", "tanh", "cudnn"),
          ("gru", "tanh", "d2l"), ("lstm", "tanh", "cudnn")]
@@ -29,33 +30,6 @@ CELLS = [("rnn", "tanh", "cudnn"), ("rnn", "relu", "cudnn"), ("gru", "tanh", "cu
 def full_precision():
     with jax.default_matmul_precision("highest"):
         yield
-
-
-def _random_carry(config, batch, key):
-    leaves, tree = jax.tree.flatten(init_carry(config, batch))
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(tree, [0.5 * jax.random.normal(k, x.shape)
-                                     for k, x in zip(keys, leaves, strict=True)])
-
-
-def _outputs_and_grads(models_, params, tokens, carry, train=False, rngs=None):
-    """Per model: logits, new carry, and the gradient w.r.t. params and carry of a loss that
-    reads both. All models in one compiled function (compiling is most of these tests' time)."""
-    def one(model):
-        def loss(params, carry):
-            logits, new_carry = model.apply(params, tokens, carry, train=train, rngs=rngs)
-            carry_term = sum(jnp.sum(jnp.sin(c)) for c in jax.tree.leaves(new_carry))
-            return jnp.mean(logits ** 2) + carry_term, (logits, new_carry)
-
-        grads, aux = jax.grad(loss, argnums=(0, 1), has_aux=True)(params, carry)
-        return aux, grads
-
-    return jax.jit(lambda params, carry: [one(m) for m in models_])(params, carry)
-
-
-def _assert_close(a, b, atol=2e-5, rtol=1e-4):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=rtol)
 
 
 # Every cell at depth 3, and depths 1, 2, 5 spread over the cells (each case compiles three
@@ -72,17 +46,17 @@ def test_fused_equals_scratch(cell, activation, variant, layers, unroll):
                                 activation=activation, gru_variant=variant)
     params = init_params(config, jax.random.PRNGKey(0))
     tokens = jax.random.randint(jax.random.PRNGKey(1), (3, 6), 0, 7)
-    carry = _random_carry(config, 3, jax.random.PRNGKey(2))
+    carry = random_carry(config, 3, jax.random.PRNGKey(2))
     fused = [FusedDeepRNN(dataclasses.replace(config, impl="fused"), schedule=schedule,
                           unroll=unroll) for schedule in ("wavefront", "layerwise")]
-    expected, *got = _outputs_and_grads([build_model(config), *fused], params, tokens,
+    expected, *got = outputs_and_grads([build_model(config), *fused], params, tokens,
                                         carry)
     for result in got:
-        _assert_close(result, expected)
+        assert_close(result, expected)
     # build_model(impl="fused") is this class, and its own init is the scratch init.
     fused = build_model(dataclasses.replace(config, impl="fused"))
     assert isinstance(fused, FusedDeepRNN)
-    _assert_close(fused.init(jax.random.PRNGKey(0), tokens), params, atol=0)
+    assert_close(fused.init(jax.random.PRNGKey(0), tokens), params, atol=0)
 
 
 def test_default_carry_and_carry_format():
@@ -96,7 +70,7 @@ def test_default_carry_and_carry_format():
     # Running the sequence in two halves with the carry passed on gives the same outputs.
     first, mid = fused.apply(params, tokens[:, :2])
     second, end = fused.apply(params, tokens[:, 2:], mid)
-    _assert_close((jnp.concatenate([first, second], 1), end), (logits, carry))
+    assert_close((jnp.concatenate([first, second], 1), end), (logits, carry))
 
 
 @pytest.mark.parametrize("extra", [dict(dropout=0.3),
@@ -109,9 +83,9 @@ def test_between_layer_features_match_scratch_in_training(extra):
     rngs = {"dropout": jax.random.PRNGKey(7)}
     fused = FusedDeepRNN(dataclasses.replace(config, impl="fused"), schedule="wavefront")
     assert fused.chosen_schedule() == "layerwise"  # the fallback for these features
-    expected, got = _outputs_and_grads([build_model(config), fused], params, tokens,
+    expected, got = outputs_and_grads([build_model(config), fused], params, tokens,
                                        carry, True, rngs)
-    _assert_close(got, expected)
+    assert_close(got, expected)
 
 
 def test_bfloat16_compute_matches_scratch():
@@ -122,13 +96,13 @@ def test_bfloat16_compute_matches_scratch():
     carry = init_carry(config, 2)
     fused = [FusedDeepRNN(dataclasses.replace(config, impl="fused"), schedule=schedule)
              for schedule in ("wavefront", "layerwise")]
-    expected, *got = _outputs_and_grads([build_model(config), *fused], params, tokens,
+    expected, *got = outputs_and_grads([build_model(config), *fused], params, tokens,
                                         carry)
     # The forward rounds as the scratch model does. Gradients differ at bfloat16 resolution:
     # autodiff rounds each step's weight-gradient product to bfloat16, the fused backward sums
     # all steps in one float32-accumulated product.
     for result in got:
-        _assert_close(result, expected, atol=3e-3, rtol=2e-2)
+        assert_close(result, expected, atol=3e-3, rtol=2e-2)
 
 
 def _state_and_carry(config):
@@ -175,4 +149,4 @@ def test_multi_step_equals_single_steps(resident):
             state, carry, m = call(state, xs, ys, carry, resets)
         metrics.append(m)
     got = (state.params, carry, jax.tree.map(lambda *m: jnp.concatenate(m), *metrics))
-    _assert_close(got, expected, atol=1e-5)
+    assert_close(got, expected, atol=1e-5)

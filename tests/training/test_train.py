@@ -146,6 +146,26 @@ def test_a_relative_workdir_trains_saves_and_loads(text_file, tmp_path, monkeypa
     assert summary["finished"] and load_trained_run("runs/rel").step == 20
 
 
+def test_a_run_is_read_back_with_the_kernel_of_the_machine_that_reads_it(text_file, tmp_path):
+    """--lstm_kernel is a speed choice of the training machine (every kernel saves the same
+    layout): generation and evaluation read the run back with auto, so a run trained with
+    cuDNN on a GPU is read on a CPU."""
+    from deeprnn.training.trained_run import load_trained_run
+
+    run(tiny_argv(text_file, tmp_path, "--num_train_steps=5", "--eval_every=5",
+                  "--checkpoint_every=5", "--lstm_kernel=fused"))
+    trained = load_trained_run(str(tmp_path))
+    assert trained.config.lstm_kernel == trained.model_config.lstm_kernel == "auto"
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="cuDNN runs on a GPU")
+def test_cudnn_kernel_off_a_gpu_is_refused_before_the_workdir_is_touched(text_file, tmp_path):
+    workdir = tmp_path / "run"
+    with pytest.raises(UsageError, match="--lstm_kernel=cudnn needs a CUDA GPU"):
+        run(tiny_argv(text_file, workdir, "--lstm_kernel=cudnn"))
+    assert not workdir.exists()
+
+
 @pytest.mark.slow
 def test_resume_below_steps_a_crash_left_saves_over_them(text_file, tmp_path):
     """A crash after best/40 and during checkpoints/40: the run resumes from 20 and must save
