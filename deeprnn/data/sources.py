@@ -208,6 +208,18 @@ def _default_tfds_data_dir() -> str:
     return os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
 
 
+def _fetch(source: Source, fetch: Callable[[str], bytes], mirror: str | None, suffix: str,
+           also: str = "") -> bytes:
+    """The source's bytes from its URL; without them, one line saying which file to put where."""
+    put = (f"{epath.Path(mirror) / source.file_stem}{suffix}" if mirror else
+           f"{source.file_stem}{suffix} into a folder given by --data_dir or ${DATA_DIR_ENV}")
+    try:
+        return fetch(source.url)
+    except Exception as e:  # any fetcher failure means the same thing: no copy of the text
+        raise UsageError(f"cannot download {source.name} from {source.url} ({e}); without"
+                         f" network, put {put}{also}") from e
+
+
 def _download(source: Source, cache: Path, fetch: Callable[[str], bytes],
               mirror: str | None) -> Document:
     """The verified source, from the download cache or fetched and then cached."""
@@ -216,13 +228,7 @@ def _download(source: Source, cache: Path, fetch: Callable[[str], bytes],
         data = _read_file(path)
         verify_checksums(source, data, str(path), f"delete {path} to download it again")
         return document_from_bytes(source.name, data, source.author, source.title, str(path))
-    put = (f"{epath.Path(mirror) / source.file_stem}.txt" if mirror else
-           f"{source.file_stem}.txt into a folder given by --data_dir or ${DATA_DIR_ENV}")
-    try:
-        data = fetch(source.url)
-    except Exception as e:  # any fetcher failure means the same thing: no copy of the text
-        raise UsageError(f"cannot download {source.name} from {source.url} ({e}); without"
-                         f" network, put {put}") from e
+    data = _fetch(source, fetch, mirror, ".txt")
     verify_checksums(source, data, source.url, "the download is corrupt; nothing was cached")
     document = document_from_bytes(source.name, data, source.author, source.title, source.url)
     _write_atomically(path, data)  # only after every check passed
@@ -260,13 +266,7 @@ def _load_archive(source: Source, mirror: str | None, tfds_data_dir: str | None,
     if cached.is_file():
         return _archive_document(source, _read_file(cached), str(cached),
                                  f"delete {cached} to download it again")
-    put = (f"{Path(mirror) / source.file_stem}.zip" if mirror else f"{source.file_stem}.zip "
-           f"into a folder given by --data_dir or ${DATA_DIR_ENV}")
-    try:
-        data = fetch(source.url)
-    except Exception as e:  # any fetcher failure means the same thing: no copy of the text
-        raise UsageError(f"cannot download {source.name} from {source.url} ({e}); without"
-                         f" network, put {put} (or the unzipped {member})") from e
+    data = _fetch(source, fetch, mirror, ".zip", f" (or the unzipped {member})")
     document = _archive_document(source, data, source.url,
                                  "the download is corrupt; nothing was cached")
     _write_atomically(cached, data)  # only after every check passed

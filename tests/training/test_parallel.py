@@ -12,10 +12,8 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +22,7 @@ import pytest
 
 from deeprnn.errors import UsageError
 from deeprnn.training.parallel import DataParallel
-from tests.helpers import REPO
+from tests.helpers import REPO, free_port, run_together
 from tests.training import parallel_worker as worker
 
 pytestmark = pytest.mark.slow  # every test here runs whole programs or workers
@@ -87,35 +85,15 @@ def many_devices(checkpoints):
     return result
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_processes(checkpoints):
     """Two processes with 2 devices each train together (jax.distributed over 127.0.0.1)."""
-    address, procs = f"127.0.0.1:{free_port()}", []
-    # Logs go to files: a full pipe would stall one process and so both, in a collective.
+    address = f"127.0.0.1:{free_port()}"
     logs = [checkpoints / f"multihost_{i}.log" for i in range(2)]
     outs = [checkpoints / f"multihost_{i}.json" for i in range(2)]
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        for process_id in range(2):
-            with open(logs[process_id], "w") as log:
-                procs.append(subprocess.Popen(
-                    [sys.executable, str(WORKER), "multihost", str(outs[process_id]),
-                     str(checkpoints), address, "2", str(process_id)],
-                    env=worker_env(2), stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
-        for proc, log in zip(procs, logs, strict=True):
-            proc.wait(timeout=max(deadline - time.monotonic(), 1))
-            assert proc.returncode == 0, log.read_text()[-3000:]
-    finally:
-        for proc in procs:  # a hung collective must not outlive the test
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    commands = [[sys.executable, str(WORKER), "multihost", str(outs[i]), str(checkpoints),
+                 address, "2", str(i)] for i in range(2)]
+    run_together(commands, [worker_env(2)] * 2, logs, TIMEOUT_S)
     return [json.loads(out.read_text()) for out in outs]
 
 
