@@ -32,6 +32,7 @@ from deeprnn.bench.rows import (
     device_name,
     format_loss,
     format_table,
+    machine_busy,
     model_config,
     prepare_row,
     random_stream,
@@ -263,13 +264,17 @@ def _time_shape(shape, impls, options: BenchOptions, precision: dict[str, str],
         except Exception as err:  # one failing row must not lose the others
             print(f"{shape.name} {name}: failed: {type(err).__name__}: {err}",
                   file=sys.stderr, flush=True)
-    ms_per_step = time_rows(prepared, options.repeats, shape.name)
+    loads = [os.getloadavg()[0]]
+    timed = time_rows(prepared, options.repeats, shape.name)
+    loads.append(os.getloadavg()[0])
+    busy = machine_busy(loads, os.cpu_count() or 1)
     rows = []
-    for impl, ms in ms_per_step.items():
-        facts = prepared[impl][0]
+    for impl, timing in timed.items():
+        facts, ms = prepared[impl][0], timing["ms_per_step"]
         tokens = facts.pop("tokens_per_step", shape.batch * shape.steps)
         side = "torch" if impl.startswith("torch") else "deeprnn"
-        row = {"implementation": impl, "config": shape.name, "ms_per_step": ms, **facts,
+        row = {"implementation": impl, "config": shape.name, **timing, **facts,
+               "load": loads, "busy_machine": busy,
                "tokens_per_sec": tokens / (ms / 1e3), "dtype": options.dtype,
                "matmul_precision": precision[side], "precision": options.precision,
                "steps_per_call": facts.get("steps_per_call", 1),

@@ -198,9 +198,16 @@ def prepare_row(impl: str, shape: Shape, base_params, stream, starts, args, vari
     return prepare_jax(impl, shape, base_params, stream, starts, args)
 
 
-def time_rows(prepared: dict, repeats: int, label: str) -> dict[str, float]:
-    """Median ms/step of each prepared row. The repeats go round the rows in turn, so a
-    change in the machine's load (other jobs, clocks) falls on every row alike, and the
+# A row whose repeats spread over more than this share of its median is marked: something else
+# ran on the machine during some of them (on a shared 2-core machine one repeat of PyTorch's
+# row once took 434 ms against its usual 41).
+WIDE_SPREAD = 0.2
+
+
+def time_rows(prepared: dict, repeats: int, label: str) -> dict[str, dict]:
+    """{row: {ms_per_step (the median), ms_repeats, spread, wide_spread}} of each prepared row;
+    `spread` is (max - min) / median over the repeats. The repeats go round the rows in turn,
+    so a change in the machine's load (other jobs, clocks) falls on every row alike, and the
     ratios between rows stay honest on a shared machine. A row that fails is dropped."""
     times = {name: [] for name in prepared}
     for _ in range(repeats):
@@ -211,25 +218,51 @@ def time_rows(prepared: dict, repeats: int, label: str) -> dict[str, float]:
                 print(f"{label} {name}: failed: {type(err).__name__}: {err}",
                       file=sys.stderr, flush=True)
                 del prepared[name]
-    return {name: 1e3 * float(np.median(times[name])) for name in prepared}
+    out = {}
+    for name in prepared:
+        ms = [1e3 * t for t in times[name]]
+        median = float(np.median(ms))
+        spread = (max(ms) - min(ms)) / median if median > 0 else 0.0
+        out[name] = {"ms_per_step": median, "ms_repeats": ms, "spread": spread,
+                     "wide_spread": spread > WIDE_SPREAD}
+    return out
+
+
+def machine_busy(loads: list[float], cores: int) -> bool:
+    """The machine ran other work while the rows were timed: its load average went above
+    its core count (the benchmark alone keeps about all cores busy)."""
+    return max(loads) > cores
 
 
 def format_table(rows) -> str:
     """The rows; `ratio` is tokens/s against torch-d2l-loop, or for a `seeds` config against
     its 1-seed row."""
     head = (f"{'config':10} {'implementation':30} {'dtype':8} {'precision':18} {'ms/step':>8} "
-            f"{'tokens/s':>10} {'ratio':>7} {'compile_s':>9} {'peak MiB':>8} {'loss@k':>8}")
+            f"{'spread':>7} {'tokens/s':>10} {'ratio':>7} {'compile_s':>9} {'peak MiB':>8} "
+            f"{'loss@k':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         ratio = r.get("ratio_vs_one_seed", r["ratio_vs_torch_d2l_loop"])
         ratio = "-" if ratio is None else f"{ratio:.2f}x"
         mem = "-" if r["peak_mem_bytes"] is None else f"{r['peak_mem_bytes'] / 2**20:.0f}"
+        spread = "-" if "spread" not in r else (
+            f"{100 * r['spread']:.0f}%{'!' if r.get('wide_spread') else ''}")
         lines.append(
             f"{r['config']:10} {r['implementation']:30} {r['dtype']:8} "
-            f"{r['matmul_precision']:18} {r['ms_per_step']:8.2f} {r['tokens_per_sec']:10.0f} "
-            f"{ratio:>7} {r['compile_s']:9.1f} {mem:>8} {format_loss(r):>8}")
+            f"{r['matmul_precision']:18} {r['ms_per_step']:8.2f} {spread:>7} "
+            f"{r['tokens_per_sec']:10.0f} {ratio:>7} {r['compile_s']:9.1f} {mem:>8} "
+            f"{format_loss(r):>8}")
     lines.append("ratio: tokens/s against torch-d2l-loop (a seeds config: against its 1-seed "
-                 "row, aggregate over the seeds)")
+                 "row, aggregate over the seeds); spread: (max - min) / median of the repeats")
+    if any(r.get("wide_spread") for r in rows):
+        lines.append(f"!: repeats spread over more than {WIDE_SPREAD:.0%} of the median: that "
+                     "row's time is not reliable")
+    busy = sorted({r["config"] for r in rows if r.get("busy_machine")})
+    if busy:
+        loads = max(max(r["load"]) for r in rows if r.get("busy_machine"))
+        lines.append(f"BUSY MACHINE while timing {', '.join(busy)}: load average up to "
+                     f"{loads:.1f} on {os.cpu_count()} cores, so other work shared them; "
+                     "those times and ratios are noise, measure again on a quiet machine")
     return "\n".join(lines)
 
 

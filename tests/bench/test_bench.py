@@ -216,3 +216,36 @@ def test_gpu_bench_script_runs_only_the_stages_named(tmp_path):
     done, argvs = _run_gpu_bench(tmp_path, "seeds", "big_fp32")
     assert done.returncode == 0, done.stderr
     assert _json_names(argvs) == ["big_fp32.json", "seeds.json"]  # in the script's order
+
+
+def test_each_row_reports_its_spread_and_a_busy_machine_is_said_so(monkeypatch):
+    from deeprnn.bench import rows as bench_rows
+
+    steady = iter([0.010, 0.011, 0.010])
+    jumpy = iter([0.010, 0.030, 0.011])
+    timed = bench_rows.time_rows({"a": ({}, lambda: next(steady)),
+                                  "b": ({}, lambda: next(jumpy))}, 3, "tiny")
+    assert timed["a"]["ms_per_step"] == pytest.approx(10.0)
+    assert timed["a"]["spread"] == pytest.approx(0.1) and not timed["a"]["wide_spread"]
+    assert timed["b"]["ms_per_step"] == pytest.approx(11.0)  # the median, not the mean
+    assert timed["b"]["spread"] == pytest.approx(20 / 11) and timed["b"]["wide_spread"]
+    assert bench_rows.machine_busy([1.5, 3.2], cores=2) and not bench_rows.machine_busy(
+        [1.5, 1.9], cores=2)
+    row = {"config": "d2l", "implementation": "fused", "dtype": "float32",
+           "matmul_precision": "float32", "tokens_per_sec": 1.0, "compile_s": 0.1,
+           "peak_mem_bytes": None, "loss_after_k": None, "ratio_vs_torch_d2l_loop": None}
+    quiet = bench_rows.format_table([{**row, **timed["a"], "load": [1.0, 1.2],
+                                      "busy_machine": False}])
+    assert " 10% " in quiet and "BUSY" not in quiet and "!:" not in quiet
+    busy = bench_rows.format_table([{**row, **timed["b"], "load": [1.0, 3.2],
+                                     "busy_machine": True}])
+    assert "182%!" in busy and "!: repeats spread over more than 20%" in busy
+    assert "BUSY MACHINE while timing d2l: load average up to 3.2" in busy
+
+
+def test_bench_rows_carry_their_repeats_load_and_spread(tmp_path):
+    rows = bench.main(["--configs=tiny", "--impls=fused", "--repeats=3", "--steps=2",
+                       "--steps_per_call=2", "--no_cache"])
+    (row,) = rows
+    assert len(row["ms_repeats"]) == 3 and min(row["ms_repeats"]) <= row["ms_per_step"]
+    assert row["spread"] >= 0 and len(row["load"]) == 2 and isinstance(row["busy_machine"], bool)
