@@ -198,17 +198,20 @@ def prepare_row(impl: str, shape: Shape, base_params, stream, starts, args, vari
     return prepare_jax(impl, shape, base_params, stream, starts, args)
 
 
-# A row whose repeats spread over more than this share of its median is marked: something else
-# ran on the machine during some of them (on a shared 2-core machine one repeat of PyTorch's
-# row once took 434 ms against its usual 41).
-WIDE_SPREAD = 0.2
+# A row whose repeats' interquartile range is more than this share of their median is marked:
+# its repeats fall in two groups or wander, so its median is not a reliable time. The
+# interquartile range leaves one or two slow repeats (another job's burst) out, which the
+# median does too; on this project's shared 2-core VM a quiet row's was 1-6% and a disturbed
+# one's 18-28% (`--configs=d2l --repeats=9`, both dtypes, 30 November 2026).
+WIDE_SPREAD = 0.1
 
 
 def time_rows(prepared: dict, repeats: int, label: str) -> dict[str, dict]:
     """{row: {ms_per_step (the median), ms_repeats, spread, wide_spread}} of each prepared row;
-    `spread` is (max - min) / median over the repeats. The repeats go round the rows in turn,
-    so a change in the machine's load (other jobs, clocks) falls on every row alike, and the
-    ratios between rows stay honest on a shared machine. A row that fails is dropped."""
+    `spread` is the repeats' interquartile range over their median. The repeats go round the
+    rows in turn, so a change in the machine's load (other jobs, clocks) falls on every row
+    alike, and the ratios between rows stay honest on a shared machine. A row that fails is
+    dropped."""
     times = {name: [] for name in prepared}
     for _ in range(repeats):
         for name, (_, time_repeat) in list(prepared.items()):
@@ -222,7 +225,8 @@ def time_rows(prepared: dict, repeats: int, label: str) -> dict[str, dict]:
     for name in prepared:
         ms = [1e3 * t for t in times[name]]
         median = float(np.median(ms))
-        spread = (max(ms) - min(ms)) / median if median > 0 else 0.0
+        low, high = np.percentile(ms, [25, 75])
+        spread = float(high - low) / median if median > 0 else 0.0
         out[name] = {"ms_per_step": median, "ms_repeats": ms, "spread": spread,
                      "wide_spread": spread > WIDE_SPREAD}
     return out
@@ -253,7 +257,8 @@ def format_table(rows) -> str:
             f"{r['tokens_per_sec']:10.0f} {ratio:>7} {r['compile_s']:9.1f} {mem:>8} "
             f"{format_loss(r):>8}")
     lines.append("ratio: tokens/s against torch-d2l-loop (a seeds config: against its 1-seed "
-                 "row, aggregate over the seeds); spread: (max - min) / median of the repeats")
+                 "row, aggregate over the seeds); spread: interquartile range / median of the "
+                 "repeats")
     if any(r.get("wide_spread") for r in rows):
         lines.append(f"!: repeats spread over more than {WIDE_SPREAD:.0%} of the median: that "
                      "row's time is not reliable")

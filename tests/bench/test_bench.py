@@ -221,14 +221,15 @@ def test_gpu_bench_script_runs_only_the_stages_named(tmp_path):
 def test_each_row_reports_its_spread_and_a_busy_machine_is_said_so(monkeypatch):
     from deeprnn.bench import rows as bench_rows
 
-    steady = iter([0.010, 0.011, 0.010])
-    jumpy = iter([0.010, 0.030, 0.011])
+    steady = iter([0.010, 0.0104, 0.010, 0.030, 0.0102])  # one slow repeat: still steady
+    jumpy = iter([0.010, 0.013, 0.010, 0.013, 0.011])  # two groups
     timed = bench_rows.time_rows({"a": ({}, lambda: next(steady)),
-                                  "b": ({}, lambda: next(jumpy))}, 3, "tiny")
-    assert timed["a"]["ms_per_step"] == pytest.approx(10.0)
-    assert timed["a"]["spread"] == pytest.approx(0.1) and not timed["a"]["wide_spread"]
+                                  "b": ({}, lambda: next(jumpy))}, 5, "tiny")
+    # Interquartile ranges by hand: a 10.0..10.4 -> 0.4 / 10.2; b 10.0..13.0 -> 3 / 11.
+    assert timed["a"]["ms_per_step"] == pytest.approx(10.2)
+    assert timed["a"]["spread"] == pytest.approx(0.4 / 10.2) and not timed["a"]["wide_spread"]
     assert timed["b"]["ms_per_step"] == pytest.approx(11.0)  # the median, not the mean
-    assert timed["b"]["spread"] == pytest.approx(20 / 11) and timed["b"]["wide_spread"]
+    assert timed["b"]["spread"] == pytest.approx(3 / 11) and timed["b"]["wide_spread"]
     assert bench_rows.machine_busy([1.5, 3.2], cores=2) and not bench_rows.machine_busy(
         [1.5, 1.9], cores=2)
     row = {"config": "d2l", "implementation": "fused", "dtype": "float32",
@@ -236,10 +237,10 @@ def test_each_row_reports_its_spread_and_a_busy_machine_is_said_so(monkeypatch):
            "peak_mem_bytes": None, "loss_after_k": None, "ratio_vs_torch_d2l_loop": None}
     quiet = bench_rows.format_table([{**row, **timed["a"], "load": [1.0, 1.2],
                                       "busy_machine": False}])
-    assert " 10% " in quiet and "BUSY" not in quiet and "!:" not in quiet
+    assert " 4% " in quiet and "BUSY" not in quiet and "!:" not in quiet
     busy = bench_rows.format_table([{**row, **timed["b"], "load": [1.0, 3.2],
                                      "busy_machine": True}])
-    assert "182%!" in busy and "!: repeats spread over more than 20%" in busy
+    assert "27%!" in busy and "!: repeats spread over more than 10%" in busy
     assert "BUSY MACHINE while timing d2l: load average up to 3.2" in busy
 
 
