@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import os
 
 from absl import flags
 
@@ -70,6 +71,23 @@ def check_model(*, cell: str, activation: str, gru_variant: str, impl: str, comp
             raise UsageError(f"--lstm_kernel=cudnn is float32 only (jax.experimental.rnn takes "
                              f"no {compute_dtype}); use --lstm_kernel=auto or "
                              "--compute_dtype=float32")
+
+
+REMOTE_SCHEMES = {"gs": "gcsfs"}  # scheme -> the package etils.epath reaches it through
+
+
+def check_reachable(path: str, flag: str) -> None:
+    """A local path, or gs:// with gcsfs installed; anything else is one usage error (etils
+    would raise a KeyError for an unknown scheme, an ImportError without gcsfs)."""
+    if "://" not in os.fspath(path):
+        return
+    scheme = os.fspath(path).split("://", 1)[0]
+    if scheme not in REMOTE_SCHEMES:
+        raise UsageError(f"--{flag}={path}: {scheme}:// is not supported; use a local folder "
+                         "or gs://BUCKET/PATH")
+    if importlib.util.find_spec(REMOTE_SCHEMES[scheme]) is None:
+        raise UsageError(f"--{flag}={path} needs {REMOTE_SCHEMES[scheme]} to reach Cloud "
+                         "Storage: pip install -e '.[gcs]'")
 
 
 def parse_split(text: str) -> tuple[float, float, float]:

@@ -24,15 +24,23 @@ class UsageError(ValueError):
     """Bad input from the user: the message names the problem and the fix, on one line."""
 
 
+EXIT_IO = 1  # a file that could not be read or written: not the flags' fault
+
+
 @contextlib.contextmanager
 def exit_on_usage_error():
     """For program entry points: a UsageError becomes `error: <message>` on stderr and exit
-    status 2, instead of a traceback."""
+    status 2, an OSError (a file that cannot be read or written) `error: <file>: <reason>` and
+    status 1, instead of a traceback."""
     try:
         yield
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
+    except OSError as err:
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"error: {where}{err.strerror or err}", file=sys.stderr)
+        sys.exit(EXIT_IO)
 
 
 def _program_name(argv0: str) -> str:

@@ -26,8 +26,7 @@ def define_flags() -> None:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    del argv  # parse_flags_or_exit refuses positional arguments
     with exit_on_usage_error():
         if not FLAGS.sweep_dir:
             raise UsageError("--sweep_dir is required: the folder that holds the runs")

@@ -49,10 +49,12 @@ class GcloudError(Exception):
 
 def failure_kind(returncode: int, stderr: str, *, ssh: bool = False) -> str:
     """ALREADY_EXISTS, NOT_FOUND, "transient" (worth waiting for) or "fatal"."""
+    if ssh and returncode == SSH_FAILED:  # ssh relays the workers' own stderr, which may say
+        return "transient"                # "not found" about anything: the exit status decides
     for kind, pattern in _KINDS:
         if pattern.search(stderr):
             return kind
-    if ((ssh and returncode == SSH_FAILED) or _TRANSIENT_CODES.search(stderr)
+    if (_TRANSIENT_CODES.search(stderr)
             or _TRANSIENT_WORDS.search(stderr)):
         return "transient"
     return "fatal"

@@ -132,6 +132,10 @@ class Watch:
         if statuses == {None} and now - t.started_at < START_GRACE_S:
             return  # just started: its process may not hold its lock yet (a loaded worker)
         error = next((w.error for w in workers if w.error), "")
+        if statuses == {0} and not is_finished(summary):
+            # The summary was read before the probe: a run that finished in between wrote
+            # its final summary after that read.
+            summary = launcher.summary(run)
         if statuses == {0} and is_finished(summary):
             self.finished(run, t)
         elif statuses == {EXIT_PREEMPTED}:  # saved a checkpoint: resumes, not a failure

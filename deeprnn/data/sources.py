@@ -25,6 +25,7 @@ at the peak for the zip).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.resources
 import os
@@ -36,6 +37,7 @@ from pathlib import Path
 
 from etils import epath
 
+from deeprnn.config import check_reachable
 from deeprnn.data import benchmarks
 from deeprnn.errors import UsageError
 
@@ -51,6 +53,16 @@ class Document:
     title: str
     sha256: str  # of the source bytes as read or downloaded (a benchmark's: of its member)
     split_at: tuple[int, int] | None = None  # a benchmark's standard cut (train|validation|test)
+
+    @functools.cached_property
+    def text_sha256(self) -> str:
+        """A digest of the text itself: what a resume and the hosts of a run compare (two
+        copies of one text may differ in their bytes: a BOM, line endings, a Gutenberg
+        header). Hashed a slice at a time, so a 100M-character text needs no encoded copy."""
+        hasher = hashlib.sha256()
+        for start in range(0, len(self.text), 1 << 24):
+            hasher.update(self.text[start:start + (1 << 24)].encode("utf-8", "surrogatepass"))
+        return hasher.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -252,7 +264,9 @@ def _load_archive(source: Source, mirror: str | None, tfds_data_dir: str | None,
     """A benchmark (text8, enwik8) from its first copy found (see the module docstring)."""
     member = source.archive.member
     if mirror:
-        zipped, unzipped = Path(mirror) / f"{source.file_stem}.zip", Path(mirror) / member
+        # epath: a gs:// mirror (the workers of a pod slice) reads as a local one does.
+        zipped = epath.Path(mirror) / f"{source.file_stem}.zip"
+        unzipped = epath.Path(mirror) / member
         if zipped.is_file():
             return _archive_document(source, _read_file(zipped), str(zipped),
                                      f"replace it with {source.url}")
@@ -294,6 +308,8 @@ def load_documents(spec: str, data_dir: str | None = None, tfds_data_dir: str | 
                    fetch: Callable[[str], bytes] | None = None) -> list[Document]:
     """The documents of a corpus spec, in spec order (see the module docstring for sources)."""
     mirror = data_dir or os.environ.get(DATA_DIR_ENV) or None
+    if mirror:
+        check_reachable(mirror, "data_dir")
     if mirror and not epath.Path(mirror).is_dir():
         raise UsageError(f"mirror folder {mirror} does not exist; fix --data_dir/${DATA_DIR_ENV}")
     if tfds_data_dir and "://" in tfds_data_dir:

@@ -276,7 +276,8 @@ def build_splits(documents, preprocess_rule: str = "d2l",
         for name, (start, stop) in cuts.items():
             spans[name].append((text, start, stop))
         records.append({"name": doc.name, "author": doc.author, "title": doc.title,
-                        "sha256": doc.sha256, "characters": len(text),
+                        "sha256": doc.sha256, "text_sha256": doc.text_sha256,
+                        "characters": len(text),
                         "characters_per_split": {k: stop - start
                                                  for k, (start, stop) in cuts.items()}})
 

@@ -19,8 +19,6 @@ import math
 
 from deeprnn.errors import UsageError
 
-KERNELS = ("fused", "cudnn")
-
 
 @dataclasses.dataclass(frozen=True)
 class Measured:

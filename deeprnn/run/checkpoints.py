@@ -254,13 +254,15 @@ class RunCheckpoints:
                                     f"{len(bad)} array(s) fail their digests ({named})")
         return restored.state, meta
 
-    def restore_newest(self, target_for: Callable[[dict], Any]):
+    def restore_newest(self, target_for: Callable[[dict], Any], *, move_damaged: bool = True):
         """(step, state, meta) of the newest complete checkpoint that reads back whole, or None.
 
         `target_for(meta)` gives the state structure to restore for that checkpoint's meta (it
         may refuse with a UsageError, which goes to the caller). A damaged checkpoint is moved
-        aside with one warning and the next newest is tried; one deleted while it was read
-        (another process on the workdir keeps only --max_to_keep) is passed over.
+        aside with one warning (only passed over, with the warning, when `move_damaged` is
+        False: a program that does not hold the workdir's lock must not move what a training
+        run beside it may be deleting) and the next newest is tried; one deleted while it was
+        read (another process on the workdir keeps only --max_to_keep) is passed over.
         """
         self._warn_of_incomplete_steps()
         tried: set[int] = set()
@@ -280,7 +282,11 @@ class RunCheckpoints:
                                     "(a run on this workdir keeps --max_to_keep); reading the "
                                     "next one", step, self.directory)
                     continue
-                self.move_aside(step, damage)
+                if move_damaged:
+                    self.move_aside(step, damage)
+                else:
+                    logging.warning("%s; passing over it (a training run on this workdir moves "
+                                    "it aside)", damage)
         raise UsageError(f"no readable checkpoint in {self.directory} after {MAX_RESTORE_TRIES}"
                          " tries; check the folder")
 
@@ -318,6 +324,8 @@ def restore_best(workdir: str, params: Any) -> tuple[Any, int | None]:
     """(best parameters, their step), or (`params`, None) when the run saved no best, or its
     best is damaged (moved aside with a warning)."""
     best = RunCheckpoints(f"{workdir}/best", max_to_keep=1, async_save=False)
-    found = best.restore_newest(lambda meta: {"params": params})
-    best.close()
+    try:
+        found = best.restore_newest(lambda meta: {"params": params})
+    finally:
+        best.close()
     return (found[1]["params"], found[0]) if found else (params, None)

@@ -6,7 +6,8 @@ Orbax logs a failed background write once per thread that waits on it, each with
 tracebacks of their own ("Event loop is closed", through sys.excepthook) when a failed save's
 loop is gone. Records from Orbax and tensorstore, and tracebacks that reach sys.excepthook,
 threading.excepthook or sys.unraisablehook while a program runs, go to `<workdir>/deeprnn.log`
-(process i > 0: `deeprnn.<i>.log`) instead of the console, which keeps deeprnn's own warnings;
+(appended to by every process of a multi-host run; it starts before JAX knows which process
+it is) instead of the console, which keeps deeprnn's own warnings;
 the error line names the file. An exception that ends the program still reaches the console:
 the hooks are restored as it leaves the context. The file is created by its first record
 only, so a clean run leaves none; a remote workdir's goes to the local temporary folder.
@@ -50,17 +51,16 @@ class _LazyFileHandler(logging.FileHandler):
         console, the very thing this file is for keeping off it."""
 
 
-def log_path(workdir: str, process_index: int = 0) -> str:
-    name = LOG_FILE if process_index == 0 else f"deeprnn.{process_index}.log"
+def log_path(workdir: str) -> str:
     if "://" in os.fspath(workdir):  # a FileHandler cannot append to a Cloud Storage object
-        return os.path.join(tempfile.gettempdir(), f"deeprnn-{os.getpid()}-{name}")
-    return os.path.join(os.path.abspath(workdir), name)
+        return os.path.join(tempfile.gettempdir(), f"deeprnn-{os.getpid()}-{LOG_FILE}")
+    return os.path.join(os.path.abspath(workdir), LOG_FILE)
 
 
 @contextlib.contextmanager
-def library_log(workdir: str, process_index: int = 0):
+def library_log(workdir: str):
     """Sends the libraries' records to the log file (yielded) instead of the console."""
-    path = log_path(workdir, process_index)
+    path = log_path(workdir)
     handler = _LazyFileHandler(path, delay=True)
     handler.setLevel(logging.WARNING)
     handler.addFilter(_LibraryRecords(keep=True))

@@ -21,7 +21,6 @@ import contextlib
 import datetime
 import errno
 import fcntl
-import importlib.util
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ import threading
 
 from etils import epath
 
+from deeprnn.config import check_reachable
 from deeprnn.errors import EXIT_USAGE, UsageError  # noqa: F401 (EXIT_USAGE re-exported)
 
 EXIT_FAILED = 1
@@ -69,21 +69,9 @@ def interrupted(err: BaseException) -> bool:
     return False
 
 
-REMOTE_WORKDIRS = {"gs": "gcsfs"}  # scheme -> the package etils.epath reaches it through
-
-
 def check_workdir_location(workdir: str, flag: str = "workdir") -> None:
-    """A local folder, or gs:// with gcsfs installed; anything else is one usage error (etils
-    would raise a KeyError for an unknown scheme, an ImportError without gcsfs)."""
-    if "://" not in os.fspath(workdir):
-        return
-    scheme = os.fspath(workdir).split("://", 1)[0]
-    if scheme not in REMOTE_WORKDIRS:
-        raise UsageError(f"--{flag}={workdir}: {scheme}:// is not supported; use a local folder "
-                         "or gs://BUCKET/PATH")
-    if importlib.util.find_spec(REMOTE_WORKDIRS[scheme]) is None:
-        raise UsageError(f"--{flag}={workdir} needs {REMOTE_WORKDIRS[scheme]} to reach Cloud "
-                         "Storage: pip install -e '.[gcs]'")
+    """A local folder, or gs:// with gcsfs installed (config.check_reachable)."""
+    check_reachable(workdir, flag)
 
 
 def describe_os_error(err: OSError, step: int | None = None) -> str:

@@ -35,7 +35,7 @@ def _row(documents: list[Document] | None, count: int) -> np.ndarray:
     if documents is not None:
         row[0] = 1
         for i, doc in enumerate(documents):
-            digest = hashlib.sha256(f"{doc.name}\0{doc.text}".encode()).digest()
+            digest = hashlib.sha256(f"{doc.name}\0{doc.text_sha256}".encode()).digest()
             row[1 + i * _DIGEST: 1 + (i + 1) * _DIGEST] = np.frombuffer(digest, np.uint8)
     return row
 

@@ -209,7 +209,8 @@ class Trainer:
                              "validation/bits_per_char", "test/perplexity",
                              "test/bits_per_char"])
         self.run_steps = self.devices.compile_train(
-            functools.partial(train_steps, apply_fn=self.model.apply, tx=self.tx),
+            functools.partial(train_steps, apply_fn=self.model.apply, tx=self.tx,
+                              skip_nonfinite=cfg.nan_policy == "skip"),
             self.samplers[0].ids, cfg.num_steps)
         self.eval_fn = self.devices.compile_eval(
             functools.partial(eval_step, apply_fn=self.model.apply))
@@ -367,8 +368,8 @@ class Trainer:
         progress = {**dataclasses.asdict(self.progress), **self._totals()["saved"]}
         meta = {"flags": dataclasses.asdict(self.config), "vocab": self.splits.vocab.to_json(),
                 "progress": progress, "num_train_steps": self.schedule.num_train_steps,
-                "documents": [{"name": d["name"], "sha256": d["sha256"]}
-                              for d in self.splits.documents]}
+                "documents": [{"name": d["name"], "sha256": d["sha256"],
+                               "text_sha256": d["text_sha256"]} for d in self.splits.documents]}
         state, carry = self.devices.logical(self.state, self.carry)
         self.store.save(self.step, {"train": state, "carry": carry}, meta, wait=wait)
 

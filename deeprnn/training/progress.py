@@ -149,12 +149,6 @@ def net_of_first_call(steps_run: int, train_time: float, first_call) -> tuple[in
     return steps_run, train_time
 
 
-def throughput(steps_run: int, train_time: float, first_call, tokens_per_step: int) -> float:
-    """Tokens per second of training, the first call left out (net_of_first_call)."""
-    steps_run, train_time = net_of_first_call(steps_run, train_time, first_call)
-    return steps_run * tokens_per_step / max(train_time, 1e-9)
-
-
 class TrainingClock:
     """The host's clock over training calls: time spent training and the steps it covers,
     without evaluation, samples and checkpoints (`restart` after them), and the first call

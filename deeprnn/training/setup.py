@@ -157,12 +157,15 @@ def adopt_nan_policy(restored: TrainState, fresh: TrainState, saved: str,
 def check_same_text(meta: dict, splits: vocab.Splits) -> None:
     """Refuses a resume whose documents changed since the checkpoint (new content under the
     same file: path or mirror name): the run would go on training on another text."""
-    saved = {d["name"]: d["sha256"] for d in meta.get("documents", ())}
+    # The text's own digest; checkpoints from before it existed recorded the source bytes'.
+    saved = {d["name"]: (d.get("text_sha256"), d["sha256"]) for d in meta.get("documents", ())}
     for document in splits.documents:
-        before = saved.get(document["name"])
-        if before is not None and before != document["sha256"]:
+        text_digest, source_digest = saved.get(document["name"], (None, None))
+        key = "text_sha256" if text_digest is not None else "sha256"
+        before = text_digest if text_digest is not None else source_digest
+        if before is not None and before != document[key]:
             raise UsageError(f"{document['name']} changed since the checkpoint (sha256 "
-                             f"{before[:12]}..., now {document['sha256'][:12]}...): the run "
+                             f"{before[:12]}..., now {document[key][:12]}...): the run "
                              "trained on other text; restore that file or use another "
                              "--workdir")
 

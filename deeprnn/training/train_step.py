@@ -39,7 +39,8 @@ def token_losses(logits, targets):
 
 
 def train_step(state: TrainState, x, y, carry, reset, *, apply_fn: Callable,
-               tx: optax.GradientTransformation, axis_name: str | None = None):
+               tx: optax.GradientTransformation, axis_name: str | None = None,
+               skip_nonfinite: bool = False):
     """One SGD step on a [B, T] batch. Returns (state, carry, metrics).
 
     The carry comes out detached (stop_gradient): d2l's sequential sampler carries the state
@@ -62,18 +63,21 @@ def train_step(state: TrainState, x, y, carry, reset, *, apply_fn: Callable,
         grads = jax.lax.pmean(grads, axis_name)
         loss_sum = jax.lax.psum(loss_sum, axis_name)
         tokens = jax.lax.psum(tokens, axis_name)
-    # A non-finite loss can come with finite gradients (huge parameters whose logits overflow):
-    # the update is then poisoned too, so that optax.apply_if_finite (--nan_policy=skip) skips
-    # it; under --nan_policy=stop the host stops the run at this step's loss anyway.
-    grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(loss_sum), g, jnp.nan), grads)
+    if skip_nonfinite:
+        # A non-finite loss can come with finite gradients (huge parameters whose logits
+        # overflow): the update is then poisoned too, so that optax.apply_if_finite
+        # (--nan_policy=skip) skips it. Under --nan_policy=stop the host stops the run at this
+        # step's loss anyway, and the step saves the pass over every gradient.
+        grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(loss_sum), g, jnp.nan), grads)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-    # `nonfinite` is 1 for a step whose loss or gradient was not finite (the loss poisons the
-    # gradient above): the update that --nan_policy=skip drops.
-    grads_finite = jnp.all(jnp.asarray([jnp.isfinite(g).all() for g in jax.tree.leaves(grads)]))
-    nonfinite = 1.0 - grads_finite.astype(jnp.float32)  # what apply_if_finite tests
+    # 1 for a step whose loss or gradient was not finite: the update --nan_policy=skip drops.
+    # The norm is not finite exactly when a gradient is not (barring an overflow of the sum of
+    # squares past 3e38, which clipping makes moot), so no second pass over the gradients.
+    finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
+    nonfinite = 1.0 - finite.astype(jnp.float32)
     metrics = {"loss_sum": loss_sum, "tokens": tokens, "grad_norm": grad_norm,
                "nonfinite": nonfinite}
     return state, jax.lax.stop_gradient(new_carry), metrics
@@ -99,7 +103,8 @@ def summarize(loss_sum: float, tokens: float) -> dict[str, float]:
 
 
 def train_steps(state: TrainState, xs, ys, carry, resets, *, apply_fn: Callable,
-                tx: optax.GradientTransformation, axis_name: str | None = None):
+                tx: optax.GradientTransformation, axis_name: str | None = None,
+                skip_nonfinite: bool = False):
     """`len(xs)` training steps in one call (a lax.scan over stacked batches).
 
     Running several steps per jitted call keeps the host out of the loop; the per-step
@@ -109,7 +114,7 @@ def train_steps(state: TrainState, xs, ys, carry, resets, *, apply_fn: Callable,
         state, carry = carried
         x, y, reset = batch
         state, carry, metrics = train_step(state, x, y, carry, reset, apply_fn=apply_fn, tx=tx,
-                                           axis_name=axis_name)
+                                           axis_name=axis_name, skip_nonfinite=skip_nonfinite)
         return (state, carry), metrics
 
     (state, carry), metrics = jax.lax.scan(one, (state, carry), (xs, ys, resets))

@@ -21,6 +21,7 @@ from deeprnn.model.generation import generate
 from deeprnn.run.checkpoints import RunCheckpoints
 from deeprnn.run.lifecycle import check_workdir_location
 from deeprnn.training.evaluation import evaluate_on_devices, scoring_config
+from deeprnn.training.progress import seed_record
 from deeprnn.training.setup import (
     abstract_training_state,
     load_splits,
@@ -63,8 +64,10 @@ def load_trained_run(workdir: str) -> TrainedRun:
         state, carry = abstract_training_state(config, model_config_for(config, size))
         return {"train": state, "carry": carry}
 
-    found = store.restore_newest(target_for)
-    store.close()
+    try:  # read-only: this program holds no lock, so it moves nothing aside
+        found = store.restore_newest(target_for, move_damaged=False)
+    finally:
+        store.close()
     if found is None:
         raise UsageError(f"no complete checkpoint in {workdir}/checkpoints; train first with "
                          f"python -m deeprnn.train --workdir={workdir}")
@@ -134,11 +137,10 @@ def score_corpus(workdir: str, corpus: str | None, data_dir: str | None, split: 
 
 
 def seeds_summary(result: dict | list[dict]) -> dict:
-    """A --num_seeds run's per-seed scores (a list) as their mean, `<key>_std` and `seeds`;
-    one seed's scores as they are."""
+    """A --num_seeds run's per-seed scores (a list) as their mean, `<key>_std` and `seeds`
+    (progress.seed_record's rule); one seed's scores as they are."""
     if not isinstance(result, list):
         return result
-    values = {key: np.asarray([r[key] for r in result], dtype=float) for key in result[0]}
-    return {**{key: float(v.mean()) for key, v in values.items()},
-            **{f"{key}_std": float(v.std(ddof=1)) for key, v in values.items()},
-            "seeds": result}
+    record = seed_record("score", result)
+    return {**{key.removeprefix("score/"): value for key, value in record.items()
+               if key.startswith("score/")}, "seeds": result}

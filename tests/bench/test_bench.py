@@ -176,8 +176,8 @@ def _run_gpu_bench(tmp_path, *stages):
         "sys.exit(1 if '--configs=depth' in sys.argv else 0)\n")
     (fake_bin / "python").chmod(0o755)
     workdir = tmp_path / "repo"
-    (workdir / ".data").mkdir(parents=True)
-    (workdir / ".data" / "time_machine.txt").write_text("text\n")
+    (workdir / "deeprnn" / "data" / "texts").mkdir(parents=True)
+    (workdir / "deeprnn" / "data" / "texts" / "time_machine.txt").write_text("text\n")
     env = {**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}", "OUT": str(tmp_path / "out")}
     script = REPO / "launch" / "gpu_bench.sh"
     done = subprocess.run(["bash", script, *stages], cwd=workdir, env=env, capture_output=True,
@@ -210,6 +210,7 @@ def test_gpu_bench_script_runs_every_stage_with_valid_bench_flags(tmp_path):
     assert "cudnn" in bench.parse_options(by_name["big_fp32.json"][2:]).impls
     assert bench.parse_options(by_name["big_default.json"][2:]).precision == "default"
     assert bench.parse_options(by_name["seeds.json"][2:]).configs == ["seeds"]
+    assert "--e2e=deeprnn/data/texts/time_machine.txt" in by_name["e2e.json"]  # the packaged book
 
 
 def test_gpu_bench_script_runs_only_the_stages_named(tmp_path):

@@ -4,6 +4,7 @@ ways absl lets through: one line, the right status, within seconds."""
 from __future__ import annotations
 
 import errno
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 
 from deeprnn.config import parse_args
+from deeprnn.data import sources
 from deeprnn.errors import UsageError
 from deeprnn.model.generation import choose_next
 from deeprnn.run import lifecycle
@@ -118,14 +120,19 @@ def test_help_exits_0(flag):
     ("gs://bucket/run", r"needs gcsfs to reach Cloud Storage: pip install -e '\.\[gcs\]'"),
 ])
 def test_a_workdir_the_program_cannot_reach_is_one_line(workdir, message, monkeypatch):
-    real = lifecycle.importlib.util.find_spec
-    monkeypatch.setattr(lifecycle.importlib.util, "find_spec",
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "gcsfs" else real(name, *a))
     with pytest.raises(UsageError, match=message):
         lifecycle.check_workdir_location(workdir)
-    done = cli("-m", "deeprnn.train", f"--workdir={workdir}")
+    # The same for a corpus folder: --data_dir is read through the same layer.
+    with pytest.raises(UsageError, match=message.replace("workdir", "data_dir")):
+        sources.load_documents("time_machine", data_dir=workdir)
     if workdir.startswith("s3"):  # the gcsfs case depends on what this machine has installed
-        assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+        for program, flag in (("train", "workdir"), ("corpora", "data_dir")):
+            done = cli("-m", f"deeprnn.{program}", f"--{flag}={workdir}")
+            assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+            assert f"--{flag}={workdir}: s3:// is not supported" in done.stderr
 
 
 @pytest.mark.parametrize("temperature", ["nan", "inf", "-1"])
@@ -166,3 +173,12 @@ def test_the_compiled_step_is_measured_when_the_state_is_a_large_share(text):
                    available=int(2.2 * params))
     check_fits(config, model_config, state, carry, num_tokens=10_000, rows=16,
                available=int(1000 * params))
+
+
+def test_an_unwritable_evaluate_output_is_one_line(finished, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    done = cli("-m", "deeprnn.evaluate", f"--workdir={finished[1]}",
+               f"--output={blocker}/result.json")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.splitlines()[-1].startswith(f"error: {blocker}")

@@ -326,9 +326,9 @@ def test_profile_steps_write_a_trace_for_tensorboard(text_file, tmp_path):
 
 
 def test_throughput_leaves_the_first_call_out():
-    from deeprnn.training.progress import throughput
+    from deeprnn.training.progress import net_of_first_call
 
-    # 100 steps of 50 tokens in 12 s, of which the first call took 2 s for 10 steps.
-    assert throughput(100, 12.0, (2.0, 10), 50) == pytest.approx(90 * 50 / 10.0)
+    # 100 steps in 12 s, of which the first call took 2 s for 10 steps.
+    assert net_of_first_call(100, 12.0, (2.0, 10)) == (90, pytest.approx(10.0))
     # A run of one call has nothing else to measure: the first call stays in.
-    assert throughput(10, 2.5, (2.5, 10), 50) == pytest.approx(10 * 50 / 2.5)
+    assert net_of_first_call(10, 2.5, (2.5, 10)) == (10, 2.5)

@@ -34,16 +34,20 @@ def array_files(step_dir):
 
 
 def damage(step_dir, how: str) -> None:
+    if how == "another_state":  # a copy or hand edit: every file reads, the values are wrong
+        shutil.rmtree(step_dir / "state")
+        shutil.copytree(step_dir.parent / "20" / "state", step_dir / "state")
+        return
     target = array_files(step_dir)[-1]
     data = bytearray(target.read_bytes())
-    if how == "flip_a_byte":  # what a disk or a copy does: the file still reads
+    if how == "flip_a_byte":  # what a disk does; the compressed chunk may or may not decode
         data[len(data) // 2] ^= 0x10
         target.write_bytes(bytes(data))
     else:
         os.truncate(target, len(data) // 2)
 
 
-@pytest.mark.parametrize("how", ["flip_a_byte", "truncate"])
+@pytest.mark.parametrize("how", ["another_state", "flip_a_byte", "truncate"])
 def test_a_damaged_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(
         finished, tmp_path, how, caplog, capsys):
     workdir = copy_of(finished, tmp_path)
@@ -64,10 +68,13 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_befo
 def test_generate_and_evaluate_fall_back_with_a_warning_and_old_records_still_load(
         finished, tmp_path, caplog):
     workdir = copy_of(finished, tmp_path)
-    damage(workdir / "checkpoints" / "40", "flip_a_byte")
+    damage(workdir / "checkpoints" / "40", "another_state")
     with caplog.at_level(logging.WARNING):
         assert load_trained_run(str(workdir)).step == 20
-    assert "fail their digests" in caplog.text and "moved it to" in caplog.text
+    assert "fail their digests" in caplog.text and "passing over it" in caplog.text
+    # It holds no lock: a training run on the workdir, not it, moves the folder aside.
+    assert (workdir / "checkpoints" / "40").is_dir()
+    assert not (workdir / "checkpoints" / DAMAGED_DIR).exists()
     # A checkpoint written before digests existed has none: it loads as before.
     record = workdir / "checkpoints" / "20" / COMPLETE_RECORD
     record.write_text(json.dumps({"step": 20}))
