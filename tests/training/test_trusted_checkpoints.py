@@ -17,9 +17,6 @@ from deeprnn.run.writers import METRICS_FILE, read_metrics
 from deeprnn.training.trained_run import load_trained_run
 from tests.helpers import run, tiny_argv, write_text
 
-pytestmark = pytest.mark.filterwarnings(  # tensorstore's pending reads of a damaged folder
-    "ignore::pytest.PytestUnraisableExceptionWarning")
-
 
 def copy_of(finished, tmp_path):
     workdir = tmp_path / "run"
