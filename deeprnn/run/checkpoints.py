@@ -217,9 +217,11 @@ class RunCheckpoints:
             raise CheckpointDamaged(self.directory, step, f"its {COMPLETE_RECORD} cannot be "
                                     f"read ({_first_line(err)})") from err
 
-    def read_meta(self, step: int) -> dict:
-        """The step's metadata, checked against its digest (CheckpointDamaged otherwise)."""
-        recorded = (self.read_record(step).get(digests.ALGORITHM) or {}).get("meta")
+    def read_meta(self, step: int, record: dict | None = None) -> dict:
+        """The step's metadata, checked against its digest (CheckpointDamaged otherwise);
+        `record` is its completion record when the caller has read it already."""
+        record = self.read_record(step) if record is None else record
+        recorded = (record.get(digests.ALGORITHM) or {}).get("meta")
         try:
             meta = dict(self._manager.restore(
                 step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
@@ -230,11 +232,15 @@ class RunCheckpoints:
             raise CheckpointDamaged(self.directory, step, "its metadata fails its digest")
         return meta
 
-    def restore(self, step: int, target_state: Any) -> tuple[Any, dict]:
+    def restore(self, step: int, target_state: Any,
+                meta: dict | None = None) -> tuple[Any, dict]:
         """(state, meta) of the step, both checked against their digests (CheckpointDamaged
-        otherwise; a checkpoint saved before digests has none to check)."""
-        meta = self.read_meta(step)
-        recorded = (self.read_record(step).get(digests.ALGORITHM) or {}).get("state")
+        otherwise; a checkpoint saved before digests has none to check). `meta` is the step's
+        metadata when the caller has read it already with `read_meta` (on a gs:// workdir each
+        read is a round trip)."""
+        record = self.read_record(step)
+        meta = self.read_meta(step, record) if meta is None else meta
+        recorded = (record.get(digests.ALGORITHM) or {}).get("state")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
         failure = None
         try:
@@ -274,7 +280,8 @@ class RunCheckpoints:
             step = candidates[-1]
             tried.add(step)
             try:
-                state, meta = self.restore(step, target_for(self.read_meta(step)))
+                meta = self.read_meta(step)
+                state, meta = self.restore(step, target_for(meta), meta)
                 return step, state, meta
             except CheckpointDamaged as damage:
                 if not (self.directory / str(step)).exists():

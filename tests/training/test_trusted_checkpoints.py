@@ -87,14 +87,31 @@ def test_a_checkpoint_deleted_while_it_is_read_is_passed_over(finished, tmp_path
     workdir = copy_of(finished, tmp_path)
     real_restore = RunCheckpoints.restore
 
-    def restore_as_it_vanishes(self, step, target):
+    def restore_as_it_vanishes(self, step, *args):
         if step == 40 and (self.directory / "40").exists():
             shutil.rmtree(self.directory / "40")  # another process's max_to_keep, mid-read
-        return real_restore(self, step, target)
+        return real_restore(self, step, *args)
 
     monkeypatch.setattr(RunCheckpoints, "restore", restore_as_it_vanishes)
     assert load_trained_run(str(workdir)).step == 20
     assert not (workdir / "checkpoints" / DAMAGED_DIR).exists()  # not called damaged
+
+
+def test_reading_the_newest_checkpoint_reads_its_metadata_once(finished, tmp_path,
+                                                                monkeypatch):
+    """Each read is a round trip on a gs:// workdir; the state's structure and the restore
+    share one."""
+    workdir = copy_of(finished, tmp_path)
+    reads = []
+    real_read_meta = RunCheckpoints.read_meta
+
+    def counted(self, step, *args):
+        reads.append(step)
+        return real_read_meta(self, step, *args)
+
+    monkeypatch.setattr(RunCheckpoints, "read_meta", counted)
+    assert load_trained_run(str(workdir)).step == 40
+    assert reads == [40]
 
 
 @pytest.mark.parametrize("first, then", [("stop", "skip"), ("skip", "stop")])
