@@ -39,7 +39,7 @@ from deeprnn.bench.rows import (
     time_rows,
 )
 from deeprnn.config import CHOICES
-from deeprnn.errors import UsageError, parse_argv
+from deeprnn.errors import EXIT_IO, UsageError, parse_argv
 from deeprnn.model.build import init_params
 from deeprnn.run.process import enable_compilation_cache, keep_freed_host_memory
 
@@ -121,11 +121,17 @@ def parse_options(argv) -> BenchOptions:
             raise UsageError(f"--impls: unknown {name!r}; choose from {', '.join(IMPLS)}")
         if values.impls.count(name) > 1:
             raise UsageError(f"--impls names {name} twice: each row is timed once")
-    for name in ("repeats", "steps", "steps_per_call"):
+    if not values.e2e and not (values.configs and values.impls):
+        raise UsageError("--configs and --impls must each name at least one; see --help")
+    for name in ("repeats", "steps", "steps_per_call", "e2e_epochs"):
         if values[name].value < 1:
             raise UsageError(f"--{name} must be at least 1, got {values[name].value}")
+    if values.torch_threads < 0:
+        raise UsageError(f"--torch_threads must be 0 (torch's default) or more, got "
+                         f"{values.torch_threads}")
     if values.steps % values.steps_per_call:
-        raise UsageError(f"--steps={values.steps} must be a multiple of --steps_per_call")
+        raise UsageError(f"--steps={values.steps} must be a multiple of --steps_per_call="
+                         f"{values.steps_per_call}")
     fields = {f.name for f in dataclasses.fields(BenchOptions)} - {"variants"}
     return BenchOptions(**{name: values[name].value for name in fields},
                         variants=_parse_variants(values.fused_variants))
@@ -154,16 +160,53 @@ def torch_available() -> bool:
     return True
 
 
+def check_outputs(json_path: str | None, profile_dir: str | None) -> None:
+    """Before anything is timed: a --json or --profile the run could not write to would
+    otherwise fail after the first row (or, with --e2e, after three whole trainings)."""
+    if json_path:
+        folder = os.path.dirname(os.path.abspath(json_path))
+        if os.path.isdir(json_path):
+            raise UsageError(f"--json={json_path} is a folder; give a file path")
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise UsageError(f"--json={json_path}: cannot write in {folder}; give a file in an "
+                             f"existing, writable folder")
+    if profile_dir:
+        try:
+            os.makedirs(profile_dir, exist_ok=True)
+        except OSError as err:
+            raise UsageError(f"--profile={profile_dir}: cannot make the folder "
+                             f"({err.strerror or err}); give a writable folder") from err
+        if not os.access(profile_dir, os.W_OK):
+            raise UsageError(f"--profile={profile_dir} is not writable; give a writable folder")
+
+
+def _finite_or_none(value):
+    """JSON has no NaN or Infinity (json.dump would write them anyway): a value that did not
+    come out finite, e.g. a side's perplexity, is written as null."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(item) for item in value]
+    return value
+
+
 def _write_json(path, rows) -> None:
-    """After every row, so that a run cut short keeps what it measured."""
-    if path:
-        with open(path, "w") as f:
-            json.dump(rows, f, indent=1)
+    """After every row, so that a run cut short keeps what it measured; written to a temporary
+    file and renamed, so a run killed mid-write leaves the previous file whole. An empty list
+    is never written: it would replace an earlier run's rows with nothing."""
+    if path and rows:
+        partial = f"{path}.partial"
+        with open(partial, "w") as f:
+            json.dump(_finite_or_none(rows), f, indent=1, allow_nan=False)
+        os.replace(partial, path)
 
 
 def main(argv) -> list[dict]:
     """Runs the benchmark for `python -m deeprnn.bench ARGV`; returns the rows."""
     options = parse_options(argv)
+    check_outputs(options.json, options.profile)
     # Every row of this process, torch's included, under the same allocator setting (the --e2e
     # processes set it themselves).
     heap_pad = keep_freed_host_memory()
@@ -173,11 +216,16 @@ def main(argv) -> list[dict]:
             torch_threads=options.torch_threads,
             on_row=lambda rows: _write_json(options.json, rows))
         print(end_to_end.format_table(rows))
+        _check_some_rows(rows)
         return rows
     if not options.no_cache:
         enable_compilation_cache()
     platform = jax.devices()[0].platform
     impls = _usable_impls(options, platform)
+    if not impls and not all(shape.seeds for config in options.configs
+                             for shape in CONFIGS[config]):
+        raise UsageError(f"none of --impls={','.join(options.impls)} runs here (see the notes "
+                         f"above); add one that does, e.g. fused")
     precision = {"deeprnn": jax_precision(options, platform)}
     if any(i.startswith("torch") for i in impls):
         from deeprnn.bench import torch_peers  # deferred: torch is optional
@@ -201,7 +249,17 @@ def main(argv) -> list[dict]:
                 rows += _time_shape(shape, impls, options, precision, rows)
                 _write_json(options.json, rows)
     print(format_table(rows))
+    _check_some_rows(rows)
     return rows
+
+
+def _check_some_rows(rows: list[dict]) -> None:
+    """Every row failed (each said why above): one line and exit status 1, the status of a
+    run that could not do its work (a UsageError's 2 is for the flags)."""
+    if not rows:
+        print("error: no row was timed (each one's reason is above); --json, if given, was "
+              "left as it was", file=sys.stderr)
+        sys.exit(EXIT_IO)
 
 
 def jax_precision(options: BenchOptions, platform: str) -> str:

@@ -67,6 +67,8 @@ def run_end_to_end(text_path: str, *, epochs: int, flagfile: str = RECIPE,
     def add(row):
         rows.append(row)
         _print(row)
+
+    def save():  # outside each side's try: a failed write is not that side's failure
         if on_row is not None:
             on_row(rows)
 
@@ -91,6 +93,7 @@ def run_end_to_end(text_path: str, *, epochs: int, flagfile: str = RECIPE,
             except Exception as err:  # one failing side must not lose the others
                 print(f"deeprnn {label}: failed: {type(err).__name__}: {err}", file=sys.stderr,
                       flush=True)
+            save()
         cmd = [sys.executable, "-m", "deeprnn.bench.torch_peers", f"--text={text}",
                f"--epochs={epochs}", f"--threads={torch_threads}"]
         try:
@@ -101,6 +104,7 @@ def run_end_to_end(text_path: str, *, epochs: int, flagfile: str = RECIPE,
                  "sample": result["sample"]})
         except Exception as err:
             print(f"torch: failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        save()
     torch_wall = next((r["wall_s"] for r in rows if r["implementation"].startswith("torch")),
                       None)
     same_recipe = pathlib.Path(flagfile).resolve() == pathlib.Path(RECIPE).resolve()
@@ -108,8 +112,7 @@ def run_end_to_end(text_path: str, *, epochs: int, flagfile: str = RECIPE,
         row["config"] = "d2l_lstm recipe" if same_recipe else f"{flagfile} (deeprnn only)"
         row["speedup_vs_torch"] = (torch_wall / row["wall_s"]
                                    if torch_wall is not None and same_recipe else None)
-    if on_row is not None:
-        on_row(rows)
+    save()
     return rows
 
 

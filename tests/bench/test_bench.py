@@ -150,10 +150,15 @@ def test_end_to_end_times_cold_and_warm_training_processes(tmp_path):
 def test_end_to_end_keeps_going_when_a_side_fails(tmp_path, capsys):
     recipe = tmp_path / "broken.flags"
     recipe.write_text("--num_layers=0\n")
-    rows = bench.main([f"--e2e={SHARED_CORPORA / 'time_machine.txt'}", "--e2e_epochs=1",
-                       f"--e2e_flagfile={recipe}", f"--json={tmp_path / 'e2e.json'}"])
-    assert [r["implementation"] for r in rows] == (
-        ["torch-d2l-train_ch8"] if bench.torch_available() else [])
+    argv = [f"--e2e={SHARED_CORPORA / 'time_machine.txt'}", "--e2e_epochs=1",
+            f"--e2e_flagfile={recipe}", f"--json={tmp_path / 'e2e.json'}"]
+    if bench.torch_available():
+        rows = bench.main(argv)
+        assert [r["implementation"] for r in rows] == ["torch-d2l-train_ch8"]
+    else:  # no side left: one line, status 1, and no JSON of nothing
+        with pytest.raises(SystemExit) as stopped:
+            bench.main(argv)
+        assert stopped.value.code == 1 and not (tmp_path / "e2e.json").exists()
     assert capsys.readouterr().err.count("--num_layers must be at least 1") == 2
 
 
@@ -251,3 +256,48 @@ def test_bench_rows_carry_their_repeats_load_and_spread(tmp_path):
     (row,) = rows
     assert len(row["ms_repeats"]) == 3 and min(row["ms_repeats"]) <= row["ms_per_step"]
     assert row["spread"] >= 0 and len(row["load"]) == 2 and isinstance(row["busy_machine"], bool)
+
+
+def test_outputs_and_counts_are_checked_before_anything_is_timed(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    refused = {
+        f"--json={tmp_path}": "is a folder",
+        f"--json={tmp_path / 'missing' / 'out.json'}": "cannot write in",
+        f"--profile={a_file / 'prof'}": "cannot make the folder",
+        "--e2e_epochs=0": "--e2e_epochs must be at least 1",
+        "--torch_threads=-1": "--torch_threads must be 0",
+        "--impls=": "--configs and --impls must each name at least one",
+        "--steps=3": "multiple of --steps_per_call=10",
+    }
+    for flag, message in refused.items():
+        with pytest.raises(UsageError, match=message):
+            bench.main(["--configs=tiny", "--impls=fused", flag])
+
+
+def test_a_run_without_rows_leaves_earlier_results_as_they_were(tmp_path, monkeypatch, capsys):
+    earlier = tmp_path / "bench.json"
+    earlier.write_text('[{"implementation": "fused"}]')
+    argv = ["--configs=tiny", "--repeats=1", "--steps=2", "--steps_per_call=1",
+            f"--json={earlier}"]
+    if bench.jax.default_backend() != "gpu":  # no row of these can run on a CPU
+        with pytest.raises(UsageError, match="none of --impls=cudnn runs here"):
+            bench.main([*argv, "--impls=cudnn"])
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(bench, "prepare_row", fails)
+    with pytest.raises(SystemExit) as stopped:
+        bench.main([*argv, "--impls=fused,scratch"])
+    assert stopped.value.code == 1
+    assert "error: no row was timed" in capsys.readouterr().err
+    assert earlier.read_text() == '[{"implementation": "fused"}]'
+
+
+def test_json_is_valid_json_and_replaced_whole(tmp_path):
+    out = tmp_path / "rows.json"
+    bench._write_json(str(out), [{"train_perplexity": float("nan"), "ms": [1.0, float("inf")]}])
+    assert json.loads(out.read_text(), parse_constant=pytest.fail) == [
+        {"train_perplexity": None, "ms": [1.0, None]}]
+    assert not (tmp_path / "rows.json.partial").exists()
