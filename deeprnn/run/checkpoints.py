@@ -152,7 +152,9 @@ class RunCheckpoints:
              drop_later: bool = False) -> None:
         """Saves `step`. Orbax skips a step below its newest folder, so folders after `step`
         go first: incomplete ones always (a crash left them; the run resumed before them), and
-        complete ones with `drop_later` (best/: a best from a run rewound past it)."""
+        complete ones with `drop_later` (best/: a best from a run rewound past it). A complete
+        folder at `step` itself is kept (the same run saved the same state before a crash),
+        except with `drop_later`: best/ may hold that step from a run that trained otherwise."""
         # The previous async save must finish (and get its record) before this one starts.
         self.wait()
         saved = self._manager.all_steps()
@@ -167,7 +169,7 @@ class RunCheckpoints:
                 self._manager.delete(stale)
         if step in saved:
             # A step saved before a crash but never completed: replace it.
-            if step in self.complete_steps():
+            if step in self.complete_steps() and not drop_later:
                 return
             self._manager.delete(step)
         self._unrecorded.append(step)
@@ -325,6 +327,16 @@ def save_best(workdir: str, params: Any, step: int) -> None:
     best = RunCheckpoints(f"{workdir}/best", max_to_keep=1, async_save=False)
     best.save(step, {"params": params}, {"step": step}, wait=True, drop_later=True)
     best.close()
+
+
+def drop_best(workdir: str) -> None:
+    """A run that starts from step 0 drops a best/ left by an earlier start, as it drops that
+    start's logs: its test score must come from this run's own parameters."""
+    best = epath.Path(workdir) / "best"
+    if jax.process_index() == 0 and best.exists():
+        logging.warning("deleting %s, left by a start of this run that saved no checkpoint",
+                        best)
+        best.rmtree()
 
 
 def restore_best(workdir: str, params: Any) -> tuple[Any, int | None]:

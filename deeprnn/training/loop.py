@@ -31,7 +31,7 @@ from deeprnn.config import RunConfig, profile_steps
 from deeprnn.data import vocab
 from deeprnn.model import lstm_kernels
 from deeprnn.model.generation import generate
-from deeprnn.run.checkpoints import RunCheckpoints, save_best
+from deeprnn.run.checkpoints import RunCheckpoints, drop_best, save_best
 from deeprnn.run.console import ProgressLine, final_line
 from deeprnn.run.lifecycle import (
     Preempted,
@@ -73,7 +73,9 @@ from deeprnn.training.setup import (
     make_devices,
     make_samplers,
     model_config_for,
+    refuse_another_runs_logs,
     resume_target,
+    sample_prefix_ids,
     saved_nan_policy,
     warn_if_eval_batch_changed,
 )
@@ -136,7 +138,10 @@ class Trainer:
         if meta:
             check_same_text(meta, self.splits)
             warn_if_eval_batch_changed(meta, config)
+        if not found:
+            refuse_another_runs_logs(config, workdir)
         check_held_out(config, self.splits)
+        self.prefix_ids = sample_prefix_ids(config, self.splits.vocab)  # refused before training
         self.devices = make_devices(config)
         self.samplers = make_samplers(config, self.splits.train,
                                       self.devices.rows(config.batch_size))
@@ -200,6 +205,8 @@ class Trainer:
         cfg = self.config
         self.state, self.carry = self.devices.from_logical(self.state, self.carry)
         # resume_step=-1 clears logs left by a run that crashed before its first checkpoint.
+        if not self.resumed:
+            drop_best(self.workdir)
         self.writer = RunWriter(self.workdir, enabled=self.is_main, tensorboard=cfg.tensorboard,
                                 resume_step=self.step if self.resumed else -1)
         self.meta_info = run_metadata(cfg, self.model_config, self._local_params(), self.splits,
@@ -214,8 +221,6 @@ class Trainer:
             self.samplers[0].ids, cfg.num_steps)
         self.eval_fn = self.devices.compile_eval(
             functools.partial(eval_step, apply_fn=self.model.apply))
-        self.prefix_ids = self.splits.vocab.encode(vocab.preprocess(cfg.sample_prefix,
-                                                                    cfg.preprocess))
         self.profile = profile_steps(cfg)
         self.line = ProgressLine(self.schedule.num_train_steps) if self.is_main else None
         self.pending = []  # (first step, steps, metrics on the device) of calls not read yet

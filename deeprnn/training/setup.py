@@ -19,6 +19,7 @@ from deeprnn.errors import UsageError
 from deeprnn.model.build import build_model, init_params
 from deeprnn.model.config import ModelConfig
 from deeprnn.model.stack import init_carry
+from deeprnn.run.summary import summary_if_any
 from deeprnn.training import hosts, seeds
 from deeprnn.training.optimizer import make_learning_rate, make_optimizer
 from deeprnn.training.parallel import DataParallel
@@ -136,6 +137,30 @@ def resume_target(config: RunConfig, workdir: str):
     return target_for
 
 
+def refuse_another_runs_logs(config: RunConfig, workdir: str) -> None:
+    """A workdir with no checkpoint to resume may hold the logs of a start that crashed before
+    its first save: this run starts over and drops them. But logs whose summary.json names
+    other flags are another run's, and are refused rather than written over."""
+    summary = summary_if_any(workdir)
+    flags = summary.get("flags") if isinstance(summary, dict) else None
+    differ = model_flag_differences(flags, config) if isinstance(flags, dict) else []
+    if differ:
+        raise UsageError(f"{workdir} holds the logs of another run and no checkpoint to resume "
+                         f"(its summary.json has {'; '.join(differ)}); use another --workdir, "
+                         f"or delete its files to start this run there")
+
+
+def sample_prefix_ids(config: RunConfig, run_vocab: vocab.Vocab):
+    """The ids of --sample_prefix as the run's text is preprocessed; refused when nothing is
+    left of it (checked before training: the first sample would fail after it)."""
+    ids = run_vocab.encode(vocab.preprocess(config.sample_prefix, config.preprocess))
+    if not len(ids):
+        raise UsageError(f"--sample_prefix={config.sample_prefix!r} is empty after "
+                         f"--preprocess={config.preprocess}; give a prefix with characters it "
+                         f"keeps, e.g. --sample_prefix='time traveller'")
+    return ids
+
+
 def saved_nan_policy(meta: dict, config: RunConfig) -> str:
     return meta["flags"].get("nan_policy", config.nan_policy)
 
@@ -157,6 +182,14 @@ def adopt_nan_policy(restored: TrainState, fresh: TrainState, saved: str,
 def check_same_text(meta: dict, splits: vocab.Splits) -> None:
     """Refuses a resume whose documents changed since the checkpoint (new content under the
     same file: path or mirror name): the run would go on training on another text."""
+    change = text_change(meta, splits)
+    if change:
+        raise UsageError(f"{change}: the run trained on other text; restore that file or use "
+                         "another --workdir")
+
+
+def text_change(meta: dict, splits: vocab.Splits) -> str | None:
+    """How the first document that differs from the checkpoint's record differs, or None."""
     # The text's own digest; checkpoints from before it existed recorded the source bytes'.
     saved = {d["name"]: (d.get("text_sha256"), d["sha256"]) for d in meta.get("documents", ())}
     for document in splits.documents:
@@ -164,10 +197,9 @@ def check_same_text(meta: dict, splits: vocab.Splits) -> None:
         key = "text_sha256" if text_digest is not None else "sha256"
         before = text_digest if text_digest is not None else source_digest
         if before is not None and before != document[key]:
-            raise UsageError(f"{document['name']} changed since the checkpoint (sha256 "
-                             f"{before[:12]}..., now {document[key][:12]}...): the run "
-                             "trained on other text; restore that file or use another "
-                             "--workdir")
+            return (f"{document['name']} changed since the checkpoint (sha256 {before[:12]}..., "
+                    f"now {document[key][:12]}...)")
+    return None
 
 
 def warn_if_eval_batch_changed(meta: dict, config: RunConfig) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 from typing import Any
 
@@ -27,6 +28,7 @@ from deeprnn.training.setup import (
     load_splits,
     make_devices,
     model_config_for,
+    text_change,
 )
 from deeprnn.training.train_step import eval_step
 
@@ -38,6 +40,7 @@ class TrainedRun:
     vocab: vocab.Vocab
     params: Any
     step: int
+    meta: dict = dataclasses.field(default_factory=dict)  # the checkpoint's metadata
 
 
 def run_config_from(meta: dict) -> RunConfig:
@@ -74,7 +77,7 @@ def load_trained_run(workdir: str) -> TrainedRun:
     step, restored, meta = found
     config, run_vocab = run_config_from(meta), vocab.Vocab.from_json(meta["vocab"])
     return TrainedRun(config, model_config_for(config, run_vocab.size), run_vocab,
-                      restored["train"].params, step)
+                      restored["train"].params, step, meta)
 
 
 def generate_text(workdir: str, prefix: str, length: int, temperature: float = 0.0,
@@ -110,6 +113,11 @@ def score_corpus(workdir: str, corpus: str | None, data_dir: str | None, split: 
     run = load_trained_run(workdir)
     config = scoring_config(run.config, corpus, data_dir, split)
     splits = load_splits(config, run.vocab)
+    # The run's own text, edited since: its "test split" is no longer text the run held out.
+    change = text_change(run.meta, splits) if config.corpus == run.config.corpus else None
+    if change:
+        logging.warning("%s: these scores are not the run's held-out scores; restore the text "
+                        "the run trained on to score those", change)
     ids = splits.train if split == "all" else getattr(splits, split)
     if len(ids) < 2:
         raise UsageError(f"the {split} split of {config.corpus} holds {len(ids)} tokens: the "
@@ -133,7 +141,7 @@ def score_corpus(workdir: str, corpus: str | None, data_dir: str | None, split: 
                                  num_steps=config.num_steps)
     unk = float(np.mean(ids == vocab.UNK_ID))
     return {"workdir": workdir, "corpus": config.corpus, "split": split, "step": run.step,
-            **seeds_summary(result), "unk_rate": unk}
+            **seeds_summary(result), "unk_rate": unk, "text_changed_since_training": bool(change)}
 
 
 def seeds_summary(result: dict | list[dict]) -> dict:

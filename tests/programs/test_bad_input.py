@@ -95,6 +95,18 @@ def test_flag_problems(extra, match, finished):
     refused(tiny_argv(text, workdir, "--num_train_steps=60", *extra), match, workdir)
 
 
+@pytest.mark.parametrize("extra", [["--sample_prefix="],
+                                   ["--preprocess=d2l_lines", "--sample_prefix=123"]])
+def test_a_sample_prefix_nothing_is_left_of_is_refused_before_training(extra, finished,
+                                                                        tmp_path):
+    """It failed at the first sample, after training, leaving a workdir with only best/."""
+    fresh = tmp_path / "new_run"
+    with pytest.raises(UsageError, match=r"--sample_prefix='1?2?3?' is empty after "
+                                         r"--preprocess=d2l(_lines)?; give a prefix"):
+        run(tiny_argv(finished[0], fresh, *extra))
+    assert not fresh.exists()
+
+
 def test_unwritable_workdir(finished, tmp_path):
     text, _ = finished
     regular_file = tmp_path / "a_file"

@@ -14,7 +14,7 @@ from deeprnn.errors import UsageError
 from deeprnn.run.checkpoints import COMPLETE_RECORD, DAMAGED_DIR, RunCheckpoints
 from deeprnn.run.summary import read_summary
 from deeprnn.run.writers import METRICS_FILE, read_metrics
-from deeprnn.training.trained_run import load_trained_run
+from deeprnn.training.trained_run import load_trained_run, score_corpus
 from tests.helpers import run, tiny_argv, write_text
 
 # A restore that fails on a damaged file leaves tensorstore's other reads pending; those the
@@ -178,3 +178,42 @@ def test_a_partly_deleted_folder_is_not_called_a_stopped_save(finished, tmp_path
         assert load_trained_run(str(workdir)).step == 20
     assert ("ignoring incomplete checkpoint step(s) [40]" in caplog.text
             and "a save that did not finish, or a folder partly deleted" in caplog.text)
+
+
+def test_another_runs_logs_without_a_checkpoint_are_refused_not_written_over(finished, tmp_path):
+    workdir = copy_of(finished, tmp_path)
+    shutil.rmtree(workdir / "checkpoints")  # its checkpoints deleted, its logs and best/ left
+    kept = [workdir / METRICS_FILE, workdir / "summary.json", *(workdir / "best").rglob("*")]
+    before = {path: path.read_bytes() for path in kept if path.is_file()}
+    with pytest.raises(UsageError, match=r"holds the logs of another run and no checkpoint .*"
+                                         r"--num_hiddens \(checkpoint 24, now 32\)"):
+        run(tiny_argv(finished[0], workdir, "--num_hiddens=32"))
+    assert {path: path.read_bytes() for path in before} == before
+
+
+def test_a_start_over_scores_its_own_best_not_one_an_earlier_start_left(finished, tmp_path):
+    """An earlier start (here seed 0's) crashed after saving best/ and before its first
+    checkpoint; this start, with another seed, must not take that best/ for its own."""
+    text, short = finished[0], "--num_train_steps=20"  # one evaluation: best/ is at step 20
+    run(tiny_argv(text, tmp_path / "earlier", short))
+    own = run(tiny_argv(text, tmp_path / "fresh", short, "--seed=7"))
+    workdir = tmp_path / "restarted"
+    workdir.mkdir()
+    shutil.copytree(tmp_path / "earlier" / "best", workdir / "best")
+    summary = run(tiny_argv(text, workdir, short, "--seed=7"))
+    assert summary["final"] == own["final"]
+
+
+def test_evaluate_says_when_the_runs_own_text_changed_since_training(finished, caplog):
+    text, workdir = finished
+    assert not score_corpus(str(workdir), None, None, "test")["text_changed_since_training"]
+    good = text.read_bytes()
+    try:
+        text.write_bytes(b"the fire burned in the room. " * 60)
+        with caplog.at_level(logging.WARNING):
+            result = score_corpus(str(workdir), None, None, "test")
+    finally:
+        text.write_bytes(good)
+    assert result["text_changed_since_training"]
+    assert "tiny.txt changed since the checkpoint" in caplog.text
+    assert "not the run's held-out scores" in caplog.text
