@@ -32,8 +32,8 @@ from absl import flags
 
 from deeprnn.errors import UsageError, exit_on_usage_error
 from deeprnn.run.summary import is_finished
+from launch import checks, workers
 from launch import sweep as sweeps
-from launch import workers
 from launch.gcloud import ALREADY_EXISTS, NOT_FOUND, Gcloud, GcloudError
 from launch.watch import Watch
 
@@ -328,17 +328,21 @@ def define_flags(values: flags.FlagValues) -> None:
                         "newer JAX and libtpu need it).", **fv)
     flags.DEFINE_float("log_copy_s", 120, "Copy each worker's log to <workdir>/logs/ this "
                        "often (and when the run ends).", **fv)
-    flags.DEFINE_integer("gcloud_retries", 4, "Attempts after a transient gcloud failure.", **fv)
+    flags.DEFINE_integer("gcloud_retries", 4, "Attempts after a transient gcloud failure.",
+                         lower_bound=0, upper_bound=100, **fv)
     flags.DEFINE_float("retry_s", 15, "First wait before a retry; doubled each time.", **fv)
     flags.DEFINE_float("poll_s", 300, "watch: seconds between polls.", **fv)
-    flags.DEFINE_integer("max_polls", 10_000, "watch: give up after N polls.", **fv)
+    flags.DEFINE_integer("max_polls", 10_000, "watch: give up after N polls.", lower_bound=1,
+                         **fv)
     flags.DEFINE_integer("max_restarts", 3, "watch: restarts of a run that died or stalled "
-                         "before it is marked failed and its TPU deleted.", **fv)
+                         "before it is marked failed and its TPU deleted.", lower_bound=0,
+                         **fv)
     flags.DEFINE_float("stall_s", 3600, "watch: a running run whose summary.json gains no step "
                        "for this long is stopped and restarted; keep it above the time between "
                        "checkpoints and the first compilation.", **fv)
     flags.DEFINE_boolean("keep_tpus", False, "watch: keep the TPU of a run that finished "
                          "(default: delete it, as it is billed until deleted).", **fv)
+    checks.register_tpu_checks(values)
 
 
 def parse_args(argv: Sequence[str]):

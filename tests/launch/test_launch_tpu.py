@@ -217,3 +217,22 @@ def test_a_local_data_dir_is_refused_and_a_gs_one_reaches_every_run(capsys):
         tpu.main([*common, "--data_dir=../shared/corpora"])
     tpu.main([*common, "--data_dir=gs://bkt/corpora"])
     assert "--data_dir=gs://bkt/corpora" in remote_commands(capsys.readouterr().out)[-1]
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--gcloud_retries=-1", "not an integer in the range"),
+    ("--retry_s=-1", "must be a finite number of seconds, 0 or more"),
+    ("--poll_s=-1", "must be a finite number of seconds, 0 or more"),
+    ("--poll_s=1e300", "at most 86400"),
+    ("--log_copy_s=0", "more than 0"),
+    ("--log_copy_s=-5", "more than 0"),
+    ("--log_copy_s=nan", "more than 0"),
+    ("--max_polls=0", "not a positive integer"),
+    ("--max_restarts=-1", "not a non-negative integer"),
+    ("--stall_s=nan", "more than 0"),
+])
+def test_numeric_flags_out_of_range_are_refused_while_parsing(flag, message, fake_gcloud, capsys):
+    with pytest.raises(UsageError, match=f"^flag {flag.split('=')[0]}=.*{message}"):
+        tpu.main(["watch", "--sweep=depth_cell", "--bucket=gs://bkt", "--zone=z", "--dry_run",
+                  flag])
+    assert capsys.readouterr().out == "" and fake_gcloud.calls() == []

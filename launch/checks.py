@@ -1,0 +1,43 @@
+"""Checks of the launchers' input beyond a flag's type, so that bad input ends in one `error:`
+line (status 2) before anything is created and before any gcloud call.
+
+Checks of one flag's value are absl validators, registered with the flags: absl refuses the
+value while parsing (`error: flag --X=V: <problem>; see python -m launch.tpu --help`), as it does
+a value of the wrong type. Checks that need the sweep or the file system raise UsageError.
+"""
+
+import math
+
+from absl import flags
+
+MAX_WAIT_S = 86_400.0  # a day: more is a typo, and time.sleep overflows on huge values
+
+
+def _register(values: flags.FlagValues, name: str, check, message: str) -> None:
+    flags.register_validator(name, check, message=message, flag_values=values)
+
+
+def register_seconds(values: flags.FlagValues, name: str, *, zero_ok: bool,
+                     at_most: float | None = MAX_WAIT_S) -> None:
+    """--NAME is a finite number of seconds: > 0 (or >= 0 with zero_ok), and <= at_most.
+    NaN passes absl's own bounds (every comparison with it is false), hence a validator."""
+    low = "0 or more" if zero_ok else "more than 0"
+    high = f" and at most {at_most:g}" if at_most is not None else ""
+    default = values[name].default
+
+    def check(value: float) -> bool:
+        return (math.isfinite(value) and (value >= 0 if zero_ok else value > 0)
+                and (at_most is None or value <= at_most))
+
+    _register(values, name, check, f"must be a finite number of seconds, {low}{high}; e.g. "
+                                   f"--{name}={default:g}")
+
+
+def register_tpu_checks(values: flags.FlagValues) -> None:
+    """The validators of launch.tpu's flags."""
+    # A retry 0 s later, a first poll at once: both fine (the tests use them). A log copy every
+    # 0 s (or NaN s) is `sleep 0` in a loop on every worker.
+    register_seconds(values, "retry_s", zero_ok=True)
+    register_seconds(values, "poll_s", zero_ok=True)
+    register_seconds(values, "log_copy_s", zero_ok=False)
+    register_seconds(values, "stall_s", zero_ok=False, at_most=None)
