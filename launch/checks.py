@@ -7,10 +7,15 @@ a value of the wrong type. Checks that need the sweep or the file system raise U
 """
 
 import math
+import re
 
 from absl import flags
 
 MAX_WAIT_S = 86_400.0  # a day: more is a typo, and time.sleep overflows on huge values
+# X.Y only: the workers' install step keeps a venv whose `python --version` starts with
+# "Python X.Y." (so 3.12.4 would never match and the venv would be made on every install),
+# and the version is part of a shell command line.
+_PYTHON_VERSION = re.compile(r"3\.[0-9]+")
 
 
 def _register(values: flags.FlagValues, name: str, check, message: str) -> None:
@@ -41,3 +46,6 @@ def register_tpu_checks(values: flags.FlagValues) -> None:
     register_seconds(values, "poll_s", zero_ok=True)
     register_seconds(values, "log_copy_s", zero_ok=False)
     register_seconds(values, "stall_s", zero_ok=False, at_most=None)
+    _register(values, "python_version", lambda v: bool(_PYTHON_VERSION.fullmatch(v or "")),
+              "must be a Python version X.Y such as 3.12 (uv installs its newest release); "
+              "give only the major and minor version")

@@ -324,7 +324,7 @@ def define_flags(values: flags.FlagValues) -> None:
     flags.DEFINE_string("repo_url", None, "git clone this on the TPUs (default: copy this "
                         "tree).", **fv)
     flags.DEFINE_string("ref", "main", "Commit or branch to check out.", **fv)
-    flags.DEFINE_string("python_version", PYTHON_VERSION, "Python for the workers' venv (3.12: "
+    flags.DEFINE_string("python_version", PYTHON_VERSION, "Python X.Y of the workers' venv (3.12: "
                         "newer JAX and libtpu need it).", **fv)
     flags.DEFINE_float("log_copy_s", 120, "Copy each worker's log to <workdir>/logs/ this "
                        "often (and when the run ends).", **fv)

@@ -236,3 +236,14 @@ def test_numeric_flags_out_of_range_are_refused_while_parsing(flag, message, fak
         tpu.main(["watch", "--sweep=depth_cell", "--bucket=gs://bkt", "--zone=z", "--dry_run",
                   flag])
     assert capsys.readouterr().out == "" and fake_gcloud.calls() == []
+
+
+@pytest.mark.parametrize("version", ["3.12.4", "3.12; touch ~/x", "3", "python3.12", "3.12\n"])
+def test_a_python_version_other_than_x_y_is_refused(version, capsys):
+    with pytest.raises(UsageError, match="must be a Python version X.Y such as 3.12"):
+        tpu.main(["run", "--sweep=depth_cell", "--bucket=gs://bkt", "--zone=z", "--dry_run",
+                  "--runs=lstm_l2", f"--python_version={version}"])
+    assert capsys.readouterr().out == ""
+    tpu.main(["run", "--sweep=depth_cell", "--bucket=gs://bkt", "--zone=z", "--dry_run",
+              "--runs=lstm_l2", "--python_version=3.13"])
+    assert "grep -qF 'Python 3.13.'" in remote_commands(capsys.readouterr().out)[0]
