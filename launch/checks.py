@@ -7,9 +7,14 @@ a value of the wrong type. Checks that need the sweep or the file system raise U
 """
 
 import math
+import pathlib
 import re
 
 from absl import flags
+
+from deeprnn.errors import UsageError
+from launch import sweep as sweeps
+from launch import workers
 
 MAX_WAIT_S = 86_400.0  # a day: more is a typo, and time.sleep overflows on huge values
 # X.Y only: the workers' install step keeps a venv whose `python --version` starts with
@@ -49,3 +54,32 @@ def register_tpu_checks(values: flags.FlagValues) -> None:
     _register(values, "python_version", lambda v: bool(_PYTHON_VERSION.fullmatch(v or "")),
               "must be a Python version X.Y such as 3.12 (uv installs its newest release); "
               "give only the major and minor version")
+
+
+def existing_flagfile(sweep: sweeps.Sweep) -> pathlib.Path:
+    """The sweep's BASE_FLAGFILE, which must exist; a relative path is read from the
+    repository, where the runs run."""
+    given = pathlib.Path(sweep.base_flagfile)
+    path = given if given.is_absolute() else sweeps.REPO_ROOT / given
+    if not path.is_file():
+        raise UsageError(f"sweep {sweep.name}: flagfile {given} does not exist (a relative path "
+                         f"is read from {sweeps.REPO_ROOT}); write it first")
+    return path
+
+
+def flagfile_for_workers(sweep: sweeps.Sweep, *, packed: bool) -> str:
+    """The sweep's BASE_FLAGFILE as the TPU workers read it: relative to the code folder,
+    which holds this repository (packed: its files that git does not ignore) or a clone of it.
+    A flagfile elsewhere on this machine never reaches them."""
+    path = existing_flagfile(sweep).resolve()
+    try:
+        relative = path.relative_to(sweeps.REPO_ROOT).as_posix()
+    except ValueError:
+        raise UsageError(f"sweep {sweep.name}: flagfile {sweep.base_flagfile} lies outside the "
+                         f"repository {sweeps.REPO_ROOT}, which is all the TPU workers get; move "
+                         "it into the repository, e.g. to experiments/") from None
+    if packed and relative not in workers.source_files():
+        raise UsageError(f"sweep {sweep.name}: flagfile {relative} is ignored by git, so the "
+                         "copy of this tree sent to the TPU workers leaves it out; move it "
+                         "to experiments/ or stop ignoring it")
+    return relative

@@ -27,6 +27,7 @@ from absl import flags
 from deeprnn.errors import UsageError, exit_on_usage_error
 from deeprnn.run.lifecycle import EXIT_PREEMPTED
 from deeprnn.run.summary import is_finished, summary_if_any
+from launch import checks
 from launch import sweep as sweeps
 
 
@@ -241,9 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.data_dir and "://" not in args.data_dir:  # the runs' working folder is the repo's
         args.data_dir = str(pathlib.Path(args.data_dir).absolute())
     slots = device_slots(args.parallel_gpus, args.gpus_per_run)
-    flagfile = pathlib.Path(sweep.base_flagfile)
-    if not (flagfile if flagfile.is_absolute() else sweeps.REPO_ROOT / flagfile).is_file():
-        raise UsageError(f"sweep {sweep.name}: flagfile {flagfile} does not exist; write it first")
+    checks.existing_flagfile(sweep)
     jobs = plan_jobs(sweep, sweep_dir, args)
     if args.dry_run:
         print_dry_run(jobs, slots)

@@ -20,6 +20,7 @@ resumes from the newest checkpoint in the run's gs:// workdir. Every gcloud call
 launch.gcloud.Gcloud, which retries what passes; what runs on the workers is launch.workers.
 """
 
+import dataclasses
 import json
 import pathlib
 import re
@@ -300,6 +301,7 @@ class TpuLauncher:
 
 
 COMMANDS = ("up", "run", "status", "requeue", "watch", "down")
+STARTS_RUNS = ("up", "requeue", "run", "watch")  # TPUs for runs, or the runs: the flagfile counts
 
 
 def define_flags(values: flags.FlagValues) -> None:
@@ -370,6 +372,9 @@ def parse_args(argv: Sequence[str]):
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     sweep = sweeps.select_runs(sweeps.load_sweep(args.sweep), args.runs, args.seeds)
+    if args.command in STARTS_RUNS:  # checked before any gcloud call; status and down need none
+        flagfile = checks.flagfile_for_workers(sweep, packed=not args.repo_url)
+        sweep = dataclasses.replace(sweep, base_flagfile=flagfile)
     return getattr(TpuLauncher(args, sweep), args.command)()
 
 

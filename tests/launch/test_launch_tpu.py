@@ -12,7 +12,8 @@ import pytest
 
 from deeprnn.errors import UsageError
 from launch import sweep as sweeps
-from launch import tpu
+from launch import tpu, workers
+from tests.launch.conftest import TPU_FLAGFILE
 
 
 def tpu_main(command, sweep_path, *extra):
@@ -20,9 +21,9 @@ def tpu_main(command, sweep_path, *extra):
                      "--project=proj", "--zone=us-central2-b", "--spot", *extra])
 
 
-def test_tpu_up_run_status_down_against_fake_gcloud(tiny_sweep, fake_gcloud, capsys):
+def test_tpu_up_run_status_down_against_fake_gcloud(tpu_sweep, fake_gcloud, capsys):
     calls = fake_gcloud.calls
-    sweep_path, flagfile = tiny_sweep
+    sweep_path, flagfile = tpu_sweep
     tpu_main("up", sweep_path)
     assert calls() == [
         ["compute", "tpus", "queued-resources", "create", f"deeprnn-tiny-{run}",
@@ -67,9 +68,9 @@ def test_tpu_up_run_status_down_against_fake_gcloud(tiny_sweep, fake_gcloud, cap
 
 
 def test_tpu_requeue_recreates_a_preempted_spot_tpu_and_run_restarts_it(
-        tiny_sweep, fake_gcloud, capsys):
+        tpu_sweep, fake_gcloud, capsys):
     calls, preempt = fake_gcloud.calls, fake_gcloud.preempt
-    sweep_path, _ = tiny_sweep
+    sweep_path, _ = tpu_sweep
     tpu_main("up", sweep_path)
     preempt("deeprnn-tiny-deep")
     before = len(calls())
@@ -91,9 +92,9 @@ def test_tpu_requeue_recreates_a_preempted_spot_tpu_and_run_restarts_it(
         "describe", "scp", "ssh", "ssh"]
 
 
-def test_tpu_watch_requeues_and_starts_each_run_once_per_tpu(tiny_sweep, fake_gcloud):
+def test_tpu_watch_requeues_and_starts_each_run_once_per_tpu(tpu_sweep, fake_gcloud):
     calls, preempt = fake_gcloud.calls, fake_gcloud.preempt
-    sweep_path, _ = tiny_sweep
+    sweep_path, _ = tpu_sweep
     tpu_main("up", sweep_path, "--runs=deep")
     preempt("deeprnn-tiny-deep")
     tpu_main("watch", sweep_path, "--runs=deep", "--poll_s=0", "--max_polls=3")
@@ -184,22 +185,22 @@ def test_workers_get_python_3_12_and_a_venv_of_another_python_is_made_again(
 
 def test_runs_that_would_share_a_tpu_name_are_refused(tmp_path):
     path = tmp_path / "names.py"
-    path.write_text("BASE_FLAGFILE = 'x.flags'\ndef runs():\n    yield 'a_b', {}\n"
+    path.write_text(f"BASE_FLAGFILE = {TPU_FLAGFILE!r}\ndef runs():\n    yield 'a_b', {{}}\n"
                     "    yield 'A.B', {}\n")
     with pytest.raises(UsageError, match="runs a_b and A.B would share the TPU name "
                                          "deeprnn-names-a-b"):
         tpu.main(["up", f"--sweep={path}", "--bucket=gs://bkt", "--zone=z", "--dry_run"])
 
 
-def test_a_missing_gcloud_is_a_usage_error(tiny_sweep, monkeypatch):
+def test_a_missing_gcloud_is_a_usage_error(tpu_sweep, monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(UsageError, match="gcloud is not on PATH"):
-        tpu.main(["status", f"--sweep={tiny_sweep[0]}", "--bucket=gs://bkt", "--zone=z"])
+        tpu.main(["status", f"--sweep={tpu_sweep[0]}", "--bucket=gs://bkt", "--zone=z"])
 
 
-def test_tpu_bad_bucket_is_a_usage_error(tiny_sweep):
+def test_tpu_bad_bucket_is_a_usage_error(tpu_sweep):
     with pytest.raises(UsageError, match="gs://"):
-        tpu.main(["up", f"--sweep={tiny_sweep[0]}", "--bucket=/local", "--zone=z"])
+        tpu.main(["up", f"--sweep={tpu_sweep[0]}", "--bucket=/local", "--zone=z"])
 
 
 def test_launch_readme_names_every_tpu_command():
@@ -247,3 +248,35 @@ def test_a_python_version_other_than_x_y_is_refused(version, capsys):
     tpu.main(["run", "--sweep=depth_cell", "--bucket=gs://bkt", "--zone=z", "--dry_run",
               "--runs=lstm_l2", "--python_version=3.13"])
     assert "grep -qF 'Python 3.13.'" in remote_commands(capsys.readouterr().out)[0]
+
+
+def test_the_flagfile_must_exist_in_the_repository_before_any_gcloud_call(
+        tpu_sweep, tiny_sweep, fake_gcloud, monkeypatch, capsys):
+    path, _ = tpu_sweep
+    common = ["--bucket=gs://bkt", "--zone=z", "--runs=small"]
+    for command in ("up", "run", "requeue", "watch"):
+        for dry_run in ([], ["--dry_run"]):
+            path.write_text(TPU_SWEEP_BODY.format(flagfile="experiments/missing.flags"))
+            with pytest.raises(UsageError, match="flagfile experiments/missing.flags does not "
+                                                 "exist"):
+                tpu.main([command, f"--sweep={path}", *common, *dry_run])
+            # tests/conftest.py's tiny sweep: a flagfile that exists, outside the repository.
+            with pytest.raises(UsageError, match="lies outside the repository .* move it into "
+                                                 "the repository"):
+                tpu.main([command, f"--sweep={tiny_sweep[0]}", *common, *dry_run])
+    assert fake_gcloud.calls() == [] and capsys.readouterr().out == ""
+    # status and down need no flagfile: a sweep whose flagfile is gone can still be torn down.
+    assert tpu.main(["down", f"--sweep={path}", *common]) == 0
+    # Given by its absolute path in the repository: the workers read it from their copy.
+    path.write_text(TPU_SWEEP_BODY.format(flagfile=str(sweeps.REPO_ROOT / TPU_FLAGFILE)))
+    tpu.main(["run", f"--sweep={path}", *common, "--dry_run"])
+    assert f"deeprnn.train --flagfile={TPU_FLAGFILE} " in remote_commands(
+        capsys.readouterr().out)[-1]
+    # One that git ignores is not in the copy of this tree the workers get; a clone: not known.
+    monkeypatch.setattr(workers, "source_files", lambda: [])
+    with pytest.raises(UsageError, match="is ignored by git"):
+        tpu.main(["run", f"--sweep={path}", *common, "--dry_run"])
+    tpu.main(["run", f"--sweep={path}", *common, "--dry_run", "--repo_url=https://x/y.git"])
+
+
+TPU_SWEEP_BODY = "BASE_FLAGFILE = {flagfile!r}\ndef runs():\n    yield 'small', {{}}\n"
