@@ -21,6 +21,8 @@ MAX_WAIT_S = 86_400.0  # a day: more is a typo, and time.sleep overflows on huge
 # "Python X.Y." (so 3.12.4 would never match and the venv would be made on every install),
 # and the version is part of a shell command line.
 _PYTHON_VERSION = re.compile(r"3\.[0-9]+")
+# Run and sweep names, which name folders (locally, on gs://) and, lower-cased, TPUs.
+NAME_RULE = "must be letters, digits, '_', '.' and '-', not starting with '.', '_' or '-'"
 
 
 def _register(values: flags.FlagValues, name: str, check, message: str) -> None:
@@ -51,9 +53,22 @@ def register_tpu_checks(values: flags.FlagValues) -> None:
     register_seconds(values, "poll_s", zero_ok=True)
     register_seconds(values, "log_copy_s", zero_ok=False)
     register_seconds(values, "stall_s", zero_ok=False, at_most=None)
+    _register(values, "sweep_name",
+              lambda v: v is None or bool(sweeps.RUN_NAME.fullmatch(v)),
+              f"{NAME_RULE} (it names the sweep's folder under --bucket); e.g. "
+              "--sweep_name=depth_cell_v2")
     _register(values, "python_version", lambda v: bool(_PYTHON_VERSION.fullmatch(v or "")),
               "must be a Python version X.Y such as 3.12 (uv installs its newest release); "
               "give only the major and minor version")
+
+
+def check_sweep_name(name: str) -> None:
+    """The name of a sweep file, which names its folder under --bucket unless --sweep_name
+    does."""
+    if not sweeps.RUN_NAME.fullmatch(name):
+        raise UsageError(f"sweep name {name!r}, from its file name, {NAME_RULE}, as it names "
+                         "the sweep's folder under --bucket; rename the file or give "
+                         "--sweep_name")
 
 
 def existing_flagfile(sweep: sweeps.Sweep) -> pathlib.Path:

@@ -21,8 +21,9 @@ from deeprnn.errors import UsageError, parse_argv
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 SWEEPS_DIR = REPO_ROOT / "experiments" / "sweeps"
 # Run names become directory names locally and on GCS, and (lower-cased) TPU names.
-_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_FLAG_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Use fullmatch: "$" lets a final newline through.
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_FLAG_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # What a run entry's optional third element may hold.
 METADATA_KEYS = ("eval_corpora",)
 
@@ -98,14 +99,14 @@ def _expand(path: pathlib.Path, entries) -> list[Run]:
         name, flags, *rest = entry
         metadata = rest[0] if rest else {}
         where = f"sweep {path}: run {name!r}"
-        if not isinstance(name, str) or not _RUN_NAME.match(name):
+        if not isinstance(name, str) or not RUN_NAME.fullmatch(name):
             raise UsageError(f"{where}: its name must be [A-Za-z0-9_.-], not starting with "
                              "'.', '_' or '-'; rename it")
         if name in seen:
             raise UsageError(f"{where}: its name appears twice; give each run its own")
         seen.add(name)
         if not isinstance(flags, dict) or not all(
-                isinstance(k, str) and _FLAG_NAME.match(k) for k in flags):
+                isinstance(k, str) and _FLAG_NAME.fullmatch(k) for k in flags):
             raise UsageError(f"{where}: flags must be a dict of flag name to value, such as "
                              f"{{'cell': 'gru'}}, got {_short(flags)}; fix the sweep file")
         if "workdir" in flags:  # the launcher's own: SWEEP_DIR/<run> or gs://BUCKET/SWEEP/<run>

@@ -372,6 +372,7 @@ def parse_args(argv: Sequence[str]):
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     sweep = sweeps.select_runs(sweeps.load_sweep(args.sweep), args.runs, args.seeds)
+    checks.check_sweep_name(args.sweep_name or sweep.name)
     if args.command in STARTS_RUNS:  # checked before any gcloud call; status and down need none
         flagfile = checks.flagfile_for_workers(sweep, packed=not args.repo_url)
         sweep = dataclasses.replace(sweep, base_flagfile=flagfile)

@@ -280,3 +280,17 @@ def test_the_flagfile_must_exist_in_the_repository_before_any_gcloud_call(
 
 
 TPU_SWEEP_BODY = "BASE_FLAGFILE = {flagfile!r}\ndef runs():\n    yield 'small', {{}}\n"
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", "../up", ".hidden", "a\n"])
+def test_a_sweep_name_that_is_no_plain_folder_name_is_refused(name, tmp_path, capsys):
+    common = ["up", "--bucket=gs://bkt", "--zone=z", "--dry_run", "--runs=lstm_l2"]
+    with pytest.raises(UsageError, match="(?s)^flag --sweep_name=.*must be letters, digits"):
+        tpu.main([*common, "--sweep=depth_cell", f"--sweep_name={name}"])
+    sweep_file = tmp_path / "my sweep.py"  # the sweep's name, unless --sweep_name is given
+    sweep_file.write_text((sweeps.SWEEPS_DIR / "depth_cell.py").read_text())
+    with pytest.raises(UsageError, match="sweep name 'my sweep', from its file name, must be"):
+        tpu.main([*common, f"--sweep={sweep_file}"])
+    tpu.main([*common, f"--sweep={sweep_file}", "--sweep_name=my_sweep"])
+    assert capsys.readouterr().out.startswith(
+        "gcloud compute tpus queued-resources create deeprnn-my-sweep-lstm-l2 ")
