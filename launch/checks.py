@@ -21,6 +21,18 @@ MAX_WAIT_S = 86_400.0  # a day: more is a typo, and time.sleep overflows on huge
 # "Python X.Y." (so 3.12.4 would never match and the venv would be made on every install),
 # and the version is part of a shell command line.
 _PYTHON_VERSION = re.compile(r"3\.[0-9]+")
+# gs://BUCKET[/PATH]. Bucket names (cloud.google.com/storage/docs/buckets#naming): lower-case
+# letters, digits, '-', '_' and '.', starting and ending with a letter or digit, 3 to 63
+# characters, or up to 222 with dots, each dot-separated part at most 63.
+_GS_URL = re.compile(r"gs://(?P<bucket>[^/]*)(?P<path>/.*)?", re.DOTALL)
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")
+_OBJECT_PART = re.compile(r"[^\s*?\[\]#]+")  # no wildcards, which gcloud storage expands
+GS_RULE = ("must be gs://BUCKET[/PATH]: a bucket name (lower-case letters, digits, '-', '_', "
+           "'.'; cloud.google.com/storage/docs/buckets#naming) and folder names without "
+           "wildcards or spaces")
+# TPU accelerator types: a family and a count of chips or cores, e.g. v4-8, v5litepod-16.
+_ACCELERATOR = re.compile(r"[a-z][a-z0-9]*-[1-9][0-9]*")
+_TPU_PREFIX = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")  # TPU names start with a letter
 # Run and sweep names, which name folders (locally, on gs://) and, lower-cased, TPUs.
 NAME_RULE = "must be letters, digits, '_', '.' and '-', not starting with '.', '_' or '-'"
 
@@ -57,9 +69,45 @@ def register_tpu_checks(values: flags.FlagValues) -> None:
               lambda v: v is None or bool(sweeps.RUN_NAME.fullmatch(v)),
               f"{NAME_RULE} (it names the sweep's folder under --bucket); e.g. "
               "--sweep_name=depth_cell_v2")
+    _register(values, "bucket", lambda v: v is None or is_gs_url(v),
+              f"{GS_RULE}; e.g. --bucket=gs://my-bucket/sweeps")
+    _register(values, "name_prefix", lambda v: bool(_TPU_PREFIX.fullmatch(v or "")),
+              "must start with a letter, as TPU names do, then letters, digits, '-', '_' or "
+              "'.'; e.g. --name_prefix=deeprnn")
+    _register(values, "accelerator_type", lambda v: bool(_ACCELERATOR.fullmatch(v or "")),
+              "must be FAMILY-COUNT such as v4-8, v5litepod-16 or v6e-8 (cloud.google.com/tpu/"
+              "docs/regions-zones lists each zone's types)")
     _register(values, "python_version", lambda v: bool(_PYTHON_VERSION.fullmatch(v or "")),
               "must be a Python version X.Y such as 3.12 (uv installs its newest release); "
               "give only the major and minor version")
+
+
+def is_gs_url(url: str) -> bool:
+    match = _GS_URL.fullmatch(url)
+    if not match or not _BUCKET.fullmatch(match["bucket"]):
+        return False
+    bucket_parts = match["bucket"].split(".")
+    if any(not 0 < len(part) <= 63 for part in bucket_parts):
+        return False
+    parts = (match["path"] or "").split("/")[1:]
+    if parts and parts[-1] == "":  # gs://bucket/sweeps/ as gs://bucket/sweeps
+        parts.pop()
+    return all(part not in (".", "..") and _OBJECT_PART.fullmatch(part) for part in parts)
+
+
+def check_tpu_args(args) -> None:
+    """What launch.tpu needs beyond each flag's own check."""
+    for name in ("bucket", "zone"):
+        if not getattr(args, name):
+            raise UsageError(f"--{name} is required; see python -m launch.tpu --help")
+    if args.data_dir and not args.data_dir.startswith("gs://"):
+        raise UsageError(f"--data_dir={args.data_dir} is a folder on this machine, which the TPU "
+                         "workers cannot read; omit it (each worker downloads its own copy of "
+                         "the corpora) or copy the <name>.txt files to gs://BUCKET/corpora and "
+                         "pass that")
+    if args.data_dir and not is_gs_url(args.data_dir):
+        raise UsageError(f"--data_dir={args.data_dir} {GS_RULE}; e.g. "
+                         "--data_dir=gs://my-bucket/corpora")
 
 
 def check_sweep_name(name: str) -> None:

@@ -355,17 +355,8 @@ def parse_args(argv: Sequence[str]):
                          f"{' '.join(positional) or 'none'}), e.g. python -m launch.tpu up "
                          "--sweep=depth_cell --bucket=gs://BUCKET --zone=ZONE")
     args.command = positional[0]
-    for name in ("bucket", "zone"):
-        if not getattr(args, name):
-            raise UsageError(f"--{name} is required; see python -m launch.tpu --help")
-    if not args.bucket.startswith("gs://"):
-        raise UsageError(f"--bucket={args.bucket} must start with gs://")
+    checks.check_tpu_args(args)
     args.runtime_version = args.runtime_version or runtime_version_for(args.accelerator_type)
-    if args.data_dir and not args.data_dir.startswith("gs://"):
-        raise UsageError(f"--data_dir={args.data_dir} is a folder on this machine, which the TPU "
-                         "workers cannot read; omit it (each worker downloads its own copy of "
-                         "the corpora) or copy the <name>.txt files to gs://BUCKET/corpora and "
-                         "pass that")
     return args
 
 

@@ -206,7 +206,7 @@ def test_a_seed_given_twice_is_refused(tiny_sweep):
 def test_command_line_turns_bad_input_into_one_error_line(module, tmp_path):
     argv = [sys.executable, "-m", module, "--sweep=nope", f"--sweep_dir={tmp_path}"]
     if module == "launch.tpu":
-        argv = [sys.executable, "-m", module, "up", "--sweep=nope", "--bucket=gs://b", "--zone=z"]
+        argv = [sys.executable, "-m", module, "up", "--sweep=nope", "--bucket=gs://bkt", "--zone=z"]
     done = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path,
                           env={**os.environ, "PYTHONPATH": str(sweeps.REPO_ROOT)})
     assert done.returncode == 2

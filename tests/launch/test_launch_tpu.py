@@ -4,6 +4,7 @@ What `watch` does over time, on fake workers that run those scripts, is test_tpu
 """
 
 import os
+import re
 import shlex
 import subprocess
 import tarfile
@@ -294,3 +295,24 @@ def test_a_sweep_name_that_is_no_plain_folder_name_is_refused(name, tmp_path, ca
     tpu.main([*common, f"--sweep={sweep_file}", "--sweep_name=my_sweep"])
     assert capsys.readouterr().out.startswith(
         "gcloud compute tpus queued-resources create deeprnn-my-sweep-lstm-l2 ")
+
+
+@pytest.mark.parametrize("flag", [
+    "--bucket=gs://", "--bucket=gs:///x", "--bucket=gs://Upper", "--bucket=gs://ab",
+    "--bucket=gs://-bkt", "--bucket=gs://bkt//x", "--bucket=gs://bkt/../x", "--bucket=gs://bkt/a*",
+    "--name_prefix=1abc", "--name_prefix=", "--accelerator_type=v4",
+    "--accelerator_type=v4-abc", "--accelerator_type=v4-0", "--accelerator_type=V4-8"])
+def test_buckets_tpu_name_prefixes_and_accelerator_types_gcloud_would_refuse(flag, capsys):
+    with pytest.raises(UsageError, match=f"^flag {re.escape(flag)}: must"):
+        tpu.main(["up", "--sweep=depth_cell", "--zone=z", "--dry_run", "--runs=lstm_l2",
+                  *(["--bucket=gs://bkt"] if "bucket" not in flag else []), flag])
+    assert capsys.readouterr().out == ""
+
+
+def test_a_gs_data_dir_is_checked_like_the_bucket_and_good_names_pass(capsys):
+    common = ["up", "--sweep=depth_cell", "--zone=z", "--dry_run", "--runs=lstm_l2"]
+    with pytest.raises(UsageError, match="^--data_dir=gs:// must be gs://BUCKET"):
+        tpu.main([*common, "--bucket=gs://bkt", "--data_dir=gs://"])
+    tpu.main([*common, "--bucket=gs://my.bucket_1/a/b/", "--name_prefix=Runs_2",
+              "--accelerator_type=v5litepod-16", "--data_dir=gs://bkt/corpora"])
+    assert "create runs-2-depth-cell-lstm-l2 " in capsys.readouterr().out
