@@ -146,3 +146,15 @@ def flagfile_for_workers(sweep: sweeps.Sweep, *, packed: bool) -> str:
                          "copy of this tree sent to the TPU workers leaves it out; move it "
                          "to experiments/ or stop ignoring it")
     return relative
+
+
+def check_local_dirs(sweep_dir: pathlib.Path, data_dir: str | None) -> None:
+    """launch.local's folders, before any run: SWEEP_DIR must be (or can become) a folder, and
+    a local --data_dir must be one, or every run would fail on it in turn."""
+    existing = next(p for p in (sweep_dir, *sweep_dir.parents) if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"--sweep_dir={sweep_dir}: {existing} is a file, not a folder; give a "
+                         "new or existing folder")
+    if data_dir and "://" not in data_dir and not pathlib.Path(data_dir).is_dir():
+        raise UsageError(f"--data_dir={data_dir} is not a folder; give the folder of the "
+                         "<name>.txt corpus files, or omit it (each run then downloads its own)")

@@ -243,6 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.data_dir = str(pathlib.Path(args.data_dir).absolute())
     slots = device_slots(args.parallel_gpus, args.gpus_per_run)
     checks.existing_flagfile(sweep)
+    checks.check_local_dirs(sweep_dir, args.data_dir)
     jobs = plan_jobs(sweep, sweep_dir, args)
     if args.dry_run:
         print_dry_run(jobs, slots)

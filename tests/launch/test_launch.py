@@ -60,22 +60,23 @@ def calls_of(workdir):
 
 def test_local_dry_run_prints_the_exact_commands(tiny_sweep, tmp_path, capsys):
     sweep_path, flagfile = tiny_sweep
-    sweep_dir = tmp_path / "runs"
+    sweep_dir, corpora = tmp_path / "runs", tmp_path / "corpora"
+    corpora.mkdir()
     assert local.main([f"--sweep={sweep_path}", f"--sweep_dir={sweep_dir}", "--dry_run",
-                       "--python=python", "--data_dir=/corpora", "--parallel_gpus=2",
+                       "--python=python", f"--data_dir={corpora}", "--parallel_gpus=2",
                        "--", "--num_train_steps=7"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f"cd {sweeps.REPO_ROOT}"
     assert [shlex.split(line) for line in lines[1:]] == [
         ["CUDA_VISIBLE_DEVICES=0", "python", "-m", "deeprnn.train", f"--flagfile={flagfile}",
-         f"--workdir={sweep_dir}/small", "--data_dir=/corpora", "--cell=gru", "--num_layers=1",
+         f"--workdir={sweep_dir}/small", f"--data_dir={corpora}", "--cell=gru", "--num_layers=1",
          "--num_train_steps=7"],
         ["CUDA_VISIBLE_DEVICES=1", "python", "-m", "deeprnn.train", f"--flagfile={flagfile}",
-         f"--workdir={sweep_dir}/deep", "--data_dir=/corpora", "--cell=lstm", "--num_layers=3",
+         f"--workdir={sweep_dir}/deep", f"--data_dir={corpora}", "--cell=lstm", "--num_layers=3",
          "--num_train_steps=7"],
         ["CUDA_VISIBLE_DEVICES=1", "python", "-m", "deeprnn.evaluate",
          f"--workdir={sweep_dir}/deep", "--corpus=war_and_peace", "--split=test",
-         "--data_dir=/corpora"],
+         f"--data_dir={corpora}"],
     ]
     assert not sweep_dir.exists()  # a dry run runs nothing
 
@@ -131,6 +132,7 @@ def test_local_dry_run_reads_data_dir_from_here_and_needs_the_flagfile(
         tiny_sweep, tmp_path, monkeypatch, capsys):
     sweep_path, flagfile = tiny_sweep
     monkeypatch.chdir(tmp_path)  # the runs themselves run in the repository's folder
+    (tmp_path / "mirror").mkdir()
     assert local.main([f"--sweep={sweep_path}", "--sweep_dir=runs", "--dry_run",
                        "--data_dir=mirror", "--runs=small"]) == 0
     assert f"--data_dir={tmp_path / 'mirror'} " in capsys.readouterr().out
@@ -247,3 +249,19 @@ def test_local_runner_with_the_real_programs_then_the_report(tmp_path, capsys):
     assert "| rnn_l1 | rnn | 1 |" in report and "| gru_l2 | gru | 2 |" in report
     assert (tmp_path / "report" / "validation_perplexity.png").read_bytes()[:4] == b"\x89PNG"
 
+
+
+def test_a_sweep_dir_that_is_a_file_and_a_missing_data_dir_are_refused_up_front(
+        tiny_sweep, tmp_path, fake_programs, capsys):
+    sweep_path, _ = tiny_sweep
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for sweep_dir in (a_file, a_file / "runs"):
+        for dry_run in ([], ["--dry_run"]):
+            with pytest.raises(UsageError, match=f"{a_file} is a file, not a folder"):
+                local.main([f"--sweep={sweep_path}", f"--sweep_dir={sweep_dir}", *fake_programs,
+                            *dry_run])
+    with pytest.raises(UsageError, match="--data_dir=.*/nowhere is not a folder"):
+        local.main([f"--sweep={sweep_path}", f"--sweep_dir={tmp_path / 'runs'}",
+                    f"--data_dir={tmp_path / 'nowhere'}", *fake_programs])
+    assert capsys.readouterr().out == "" and not (tmp_path / "runs").exists()
