@@ -225,7 +225,23 @@ def parse_launcher_args(define_flags, argv: Sequence[str], program: str):
     if not args.sweep:
         raise UsageError("--sweep is required: a name in experiments/sweeps/ or a .py path")
     args.extra_flags = [*args.extra_flags, *passthrough]
+    check_extra_flags(args.extra_flags, args.seeds)
     return args, positional
+
+
+def check_extra_flags(extra_flags: Sequence[str], seeds: str | None) -> None:
+    """Extra train flags come last and win (absl), so they must not undo what the launcher
+    sets per run: its workdir, or with --seeds, its seed."""
+    for flag in extra_flags:
+        name = flag.lstrip("-").split("=", 1)[0] if flag.startswith("-") else ""
+        if name == "workdir":
+            raise UsageError(f"train flag {flag} (from --extra_flags or after --) would undo "
+                             "the launcher's --workdir, which puts each run in its own folder "
+                             "of the sweep; drop it, and choose that folder with --sweep_dir "
+                             "(launch.local) or --bucket and --sweep_name (launch.tpu)")
+        if name == "seed" and seeds:
+            raise UsageError(f"train flag {flag} (from --extra_flags or after --) would give "
+                             f"every run of --seeds={seeds} that one seed; drop one of the two")
 
 
 def split_passthrough(argv: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -265,3 +265,26 @@ def test_a_sweep_dir_that_is_a_file_and_a_missing_data_dir_are_refused_up_front(
         local.main([f"--sweep={sweep_path}", f"--sweep_dir={tmp_path / 'runs'}",
                     f"--data_dir={tmp_path / 'nowhere'}", *fake_programs])
     assert capsys.readouterr().out == "" and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("launcher", ["local", "tpu"])
+@pytest.mark.parametrize("extra, seeds, message", [
+    (["--extra_flags=--workdir=/tmp/elsewhere"], [], "train flag --workdir=/tmp/elsewhere"),
+    (["--", "--workdir", "/tmp/elsewhere"], [], "train flag --workdir .*undo"),
+    (["--", "-workdir=/tmp/elsewhere"], [], "would undo the launcher's --workdir"),
+    (["--extra_flags=--seed=3"], ["--seeds=0,1"], "every run of --seeds=0,1 that one seed"),
+    (["--", "--seed=3"], ["--seeds=0,1"], "every run of --seeds=0,1 that one seed"),
+], ids=["workdir_extra_flags", "workdir_after_dashes", "workdir_one_dash", "seed_extra_flags",
+        "seed_after_dashes"])
+def test_extra_flags_may_not_undo_the_launchers_workdir_or_seeds(
+        launcher, extra, seeds, message, tmp_path, capsys):
+    from launch import tpu
+
+    argv = {"local": ["--sweep=depth_cell", f"--sweep_dir={tmp_path / 'runs'}", "--dry_run"],
+            "tpu": ["run", "--sweep=depth_cell", "--bucket=gs://bkt", "--zone=z", "--dry_run"]}
+    main = {"local": local.main, "tpu": tpu.main}[launcher]
+    with pytest.raises(UsageError, match=message):
+        main([*argv[launcher], *seeds, *extra])  # a bare -- comes last
+    assert capsys.readouterr().out == ""
+    main([*argv[launcher], "--runs=lstm_l2", "--extra_flags=--seed=3"])  # without --seeds: fine
+    assert "--seed=3" in capsys.readouterr().out
