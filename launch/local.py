@@ -74,9 +74,12 @@ def device_slots(parallel_gpus: int, gpus_per_run: int) -> list[dict]:
     """One environment per concurrent run; no GPUs asked for means one run at a time."""
     if parallel_gpus < 0:
         raise UsageError(f"--parallel_gpus={parallel_gpus} must be 0 (one run at a time) or more")
+    if gpus_per_run < 1:
+        raise UsageError(f"--gpus_per_run={gpus_per_run} must be at least 1; give the GPUs each "
+                         "run sees")
     if parallel_gpus == 0:
         return [{}]
-    if gpus_per_run <= 0 or parallel_gpus % gpus_per_run:
+    if parallel_gpus % gpus_per_run:
         raise UsageError(
             f"--parallel_gpus={parallel_gpus} is not a multiple of --gpus_per_run={gpus_per_run}"
         )
@@ -227,7 +230,9 @@ def define_flags(values: flags.FlagValues) -> None:
 
 
 def parse_args(argv: Sequence[str]):
-    args, positional = sweeps.parse_launcher_args(define_flags, argv, "launch.local")
+    args, positional = sweeps.parse_launcher_args(
+        define_flags, argv, "launch.local",
+        "python -m launch.local --sweep=NAME|PATH.py --sweep_dir=DIR [flags] [-- train flags]")
     if positional:
         raise UsageError(f"unexpected arguments {positional}; give train flags after a bare --")
     if not args.sweep_dir:

@@ -10,13 +10,14 @@ import os
 import pathlib
 import re
 import shlex
+import sys
 import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from absl import flags
 
-from deeprnn.errors import UsageError, parse_argv
+from deeprnn.errors import HELP_ARGS, UsageError, parse_argv
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 SWEEPS_DIR = REPO_ROOT / "experiments" / "sweeps"
@@ -216,10 +217,16 @@ def define_sweep_flags(values: flags.FlagValues) -> None:
     flags.DEFINE_boolean("dry_run", False, "Print every command, run none.", **fv)
 
 
-def parse_launcher_args(define_flags, argv: Sequence[str], program: str):
+def parse_launcher_args(define_flags, argv: Sequence[str], program: str, usage: str):
     """(flags as attributes, positional arguments) of a launcher's command line: absl flags,
-    then train flags after a bare `--`, which join --extra_flags. --sweep is required."""
+    then train flags after a bare `--`, which join --extra_flags. --sweep is required. --help
+    prints `usage` (parse_argv's own usage line names no positional argument) and the flags."""
     own, passthrough = split_passthrough(argv)
+    if any(arg in HELP_ARGS for arg in own):
+        values = flags.FlagValues()
+        define_flags(values)
+        print(f"usage: {usage}\n\n{values.get_help()}")
+        sys.exit(0)
     values, positional = parse_argv(define_flags, own, program)
     args = types.SimpleNamespace(**values.flag_values_dict())
     if not args.sweep:

@@ -301,6 +301,8 @@ class TpuLauncher:
 
 
 COMMANDS = ("up", "run", "status", "requeue", "watch", "down")
+USAGE = (f"python -m launch.tpu {{{'|'.join(COMMANDS)}}} --sweep=NAME|PATH.py --bucket=gs://BUCKET "
+         "--zone=ZONE [flags] [-- train flags]")
 STARTS_RUNS = ("up", "requeue", "run", "watch")  # TPUs for runs, or the runs: the flagfile counts
 
 
@@ -349,7 +351,7 @@ def define_flags(values: flags.FlagValues) -> None:
 
 def parse_args(argv: Sequence[str]):
     """COMMAND first (or anywhere before a bare --), then flags."""
-    args, positional = sweeps.parse_launcher_args(define_flags, argv, "launch.tpu")
+    args, positional = sweeps.parse_launcher_args(define_flags, argv, "launch.tpu", USAGE)
     if len(positional) != 1 or positional[0] not in COMMANDS:
         raise UsageError(f"give one command of {', '.join(COMMANDS)} (got "
                          f"{' '.join(positional) or 'none'}), e.g. python -m launch.tpu up "

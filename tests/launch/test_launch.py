@@ -288,3 +288,22 @@ def test_extra_flags_may_not_undo_the_launchers_workdir_or_seeds(
     assert capsys.readouterr().out == ""
     main([*argv[launcher], "--runs=lstm_l2", "--extra_flags=--seed=3"])  # without --seeds: fine
     assert "--seed=3" in capsys.readouterr().out
+
+
+def test_zero_gpus_per_run_is_refused_by_name():
+    with pytest.raises(UsageError, match=r"^--gpus_per_run=0 must be at least 1"):
+        local.device_slots(4, 0)
+
+
+@pytest.mark.parametrize("launcher, usage", [
+    ("tpu", "usage: python -m launch.tpu {up|run|status|requeue|watch|down} --sweep="),
+    ("local", "usage: python -m launch.local --sweep=NAME|PATH.py --sweep_dir=DIR "),
+])
+def test_help_names_what_each_launcher_requires(launcher, usage, capsys):
+    from launch import tpu
+
+    with pytest.raises(SystemExit) as exit_:
+        {"local": local.main, "tpu": tpu.main}[launcher](["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(usage) and "--sweep:" in out
