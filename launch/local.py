@@ -27,6 +27,7 @@ from absl import flags
 from deeprnn.errors import UsageError, exit_on_usage_error
 from deeprnn.run.lifecycle import EXIT_PREEMPTED
 from deeprnn.run.summary import is_finished, summary_if_any
+from launch import checks
 from launch import sweep as sweeps
 
 
@@ -73,9 +74,12 @@ def device_slots(parallel_gpus: int, gpus_per_run: int) -> list[dict]:
     """One environment per concurrent run; no GPUs asked for means one run at a time."""
     if parallel_gpus < 0:
         raise UsageError(f"--parallel_gpus={parallel_gpus} must be 0 (one run at a time) or more")
+    if gpus_per_run < 1:
+        raise UsageError(f"--gpus_per_run={gpus_per_run} must be at least 1; give the GPUs each "
+                         "run sees")
     if parallel_gpus == 0:
         return [{}]
-    if gpus_per_run <= 0 or parallel_gpus % gpus_per_run:
+    if parallel_gpus % gpus_per_run:
         raise UsageError(
             f"--parallel_gpus={parallel_gpus} is not a multiple of --gpus_per_run={gpus_per_run}"
         )
@@ -226,7 +230,9 @@ def define_flags(values: flags.FlagValues) -> None:
 
 
 def parse_args(argv: Sequence[str]):
-    args, positional = sweeps.parse_launcher_args(define_flags, argv, "launch.local")
+    args, positional = sweeps.parse_launcher_args(
+        define_flags, argv, "launch.local",
+        "python -m launch.local --sweep=NAME|PATH.py --sweep_dir=DIR [flags] [-- train flags]")
     if positional:
         raise UsageError(f"unexpected arguments {positional}; give train flags after a bare --")
     if not args.sweep_dir:
@@ -241,9 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.data_dir and "://" not in args.data_dir:  # the runs' working folder is the repo's
         args.data_dir = str(pathlib.Path(args.data_dir).absolute())
     slots = device_slots(args.parallel_gpus, args.gpus_per_run)
-    flagfile = pathlib.Path(sweep.base_flagfile)
-    if not (flagfile if flagfile.is_absolute() else sweeps.REPO_ROOT / flagfile).is_file():
-        raise UsageError(f"sweep {sweep.name}: flagfile {flagfile} does not exist; write it first")
+    checks.existing_flagfile(sweep)
+    checks.check_local_dirs(sweep_dir, args.data_dir)
     jobs = plan_jobs(sweep, sweep_dir, args)
     if args.dry_run:
         print_dry_run(jobs, slots)

@@ -6,21 +6,27 @@ A sweep is a module in `experiments/sweeps/` (or a path to a .py file) that defi
 
 import fnmatch
 import importlib.util
+import os
 import pathlib
 import re
 import shlex
+import sys
 import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from absl import flags
 
-from deeprnn.errors import UsageError, parse_argv
+from deeprnn.errors import HELP_ARGS, UsageError, parse_argv
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 SWEEPS_DIR = REPO_ROOT / "experiments" / "sweeps"
 # Run names become directory names locally and on GCS, and (lower-cased) TPU names.
-_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# Use fullmatch: "$" lets a final newline through.
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_FLAG_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# What a run entry's optional third element may hold.
+METADATA_KEYS = ("eval_corpora",)
 
 
 @dataclass(frozen=True)
@@ -53,37 +59,73 @@ def load_sweep(name_or_path: str) -> Sweep:
             )
     spec = importlib.util.spec_from_file_location(f"deeprnn_sweep_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    try:  # the sweep's own code, e.g. a check of its constants: its error, on one line
+    try:
         spec.loader.exec_module(module)
         for attribute in ("BASE_FLAGFILE", "runs"):
             if not hasattr(module, attribute):
-                raise UsageError(f"sweep {path.stem} defines no {attribute}; see {SWEEPS_DIR}")
-        entries = list(module.runs())
-    except (ValueError, TypeError, KeyError, AttributeError, ImportError) as error:
-        if isinstance(error, UsageError):
-            raise
-        raise UsageError(f"sweep {path}: {type(error).__name__}: {error}; fix the sweep "
-                         "file") from error
-    return Sweep(path.stem, module.BASE_FLAGFILE, _expand(path.stem, entries))
+                raise UsageError(f"sweep {path} defines no {attribute}; see {SWEEPS_DIR}")
+        base = module.BASE_FLAGFILE
+        if not isinstance(base, (str, os.PathLike)) or not str(base):
+            raise UsageError(f"sweep {path}: BASE_FLAGFILE must be a flagfile path such as "
+                             f"'experiments/time_machine_lstm.flags', got {_short(base)}; fix "
+                             "the sweep file")
+        runs = _expand(path, list(module.runs()))
+    except UsageError:
+        raise
+    # A sweep file is the user's own Python, run here: whatever it raises while it loads or
+    # while its runs() is expanded (a SyntaxError, a NameError, a TypeError from an entry of the
+    # wrong shape) is bad input, named on one line rather than as the launcher's traceback.
+    # Hence Exception, and SystemExit (a sys.exit in the file); not KeyboardInterrupt.
+    except (Exception, SystemExit) as error:
+        what = " ".join(str(error).split())
+        raise UsageError(f"sweep {path}: {type(error).__name__}{': ' + what if what else ''}; "
+                         "fix the sweep file") from error
+    if not runs:
+        raise UsageError(f"sweep {path}: runs() yields no run; yield at least one "
+                         "(name, flags) entry")
+    return Sweep(path.stem, str(base), runs)
 
 
-def _expand(sweep_name: str, entries) -> list[Run]:
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _expand(path: pathlib.Path, entries) -> list[Run]:
     runs, seen = [], set()
     for entry in entries:
         if not isinstance(entry, (tuple, list)) or len(entry) not in (2, 3):
-            raise UsageError(f"sweep {sweep_name}: run entry {entry!r} must be (name, flags) "
-                             "or (name, flags, {'eval_corpora': [...]})")
+            raise UsageError(f"sweep {path}: run entry {_short(entry)} must be (name, flags) "
+                             "or (name, flags, {'eval_corpora': [...]}); fix the sweep file")
         name, flags, *rest = entry
         metadata = rest[0] if rest else {}
-        if not isinstance(name, str) or not _RUN_NAME.match(name):
-            raise UsageError(f"sweep {sweep_name}: run name {name!r} must be [A-Za-z0-9_.-]")
+        where = f"sweep {path}: run {name!r}"
+        if not isinstance(name, str) or not RUN_NAME.fullmatch(name):
+            raise UsageError(f"{where}: its name must be [A-Za-z0-9_.-], not starting with "
+                             "'.', '_' or '-'; rename it")
         if name in seen:
-            raise UsageError(f"sweep {sweep_name}: run name {name!r} appears twice")
+            raise UsageError(f"{where}: its name appears twice; give each run its own")
         seen.add(name)
+        if not isinstance(flags, dict) or not all(
+                isinstance(k, str) and _FLAG_NAME.fullmatch(k) for k in flags):
+            raise UsageError(f"{where}: flags must be a dict of flag name to value, such as "
+                             f"{{'cell': 'gru'}}, got {_short(flags)}; fix the sweep file")
+        if "workdir" in flags:  # the launcher's own: SWEEP_DIR/<run> or gs://BUCKET/SWEEP/<run>
+            raise UsageError(f"{where}: sets workdir, which the launcher sets for each run; "
+                             "drop it from the sweep file")
+        if not isinstance(metadata, dict):
+            raise UsageError(f"{where}: its third element must be a dict such as "
+                             f"{{'eval_corpora': [...]}}, got {_short(metadata)}; fix the sweep "
+                             "file")
+        unknown = sorted(repr(k) for k in metadata if k not in METADATA_KEYS)
+        if unknown:
+            raise UsageError(f"{where}: unknown metadata key {', '.join(unknown)}; use "
+                             f"{' or '.join(METADATA_KEYS)}")
         eval_corpora = metadata.get("eval_corpora", ())
-        if isinstance(eval_corpora, str) or not all(isinstance(c, str) for c in eval_corpora):
-            raise UsageError(f"sweep {sweep_name}: run {name}: eval_corpora must be a list of "
-                             f"corpus specs, got {eval_corpora!r}")
+        if not isinstance(eval_corpora, (list, tuple)) or not all(
+                isinstance(c, str) and c for c in eval_corpora):
+            raise UsageError(f"{where}: eval_corpora must be a list of corpus specs, got "
+                             f"{_short(eval_corpora)}; fix the sweep file")
         runs.append(Run(name, dict(flags), tuple(eval_corpora)))
     return runs
 
@@ -175,16 +217,38 @@ def define_sweep_flags(values: flags.FlagValues) -> None:
     flags.DEFINE_boolean("dry_run", False, "Print every command, run none.", **fv)
 
 
-def parse_launcher_args(define_flags, argv: Sequence[str], program: str):
+def parse_launcher_args(define_flags, argv: Sequence[str], program: str, usage: str):
     """(flags as attributes, positional arguments) of a launcher's command line: absl flags,
-    then train flags after a bare `--`, which join --extra_flags. --sweep is required."""
+    then train flags after a bare `--`, which join --extra_flags. --sweep is required. --help
+    prints `usage` (parse_argv's own usage line names no positional argument) and the flags."""
     own, passthrough = split_passthrough(argv)
+    if any(arg in HELP_ARGS for arg in own):
+        values = flags.FlagValues()
+        define_flags(values)
+        print(f"usage: {usage}\n\n{values.get_help()}")
+        sys.exit(0)
     values, positional = parse_argv(define_flags, own, program)
     args = types.SimpleNamespace(**values.flag_values_dict())
     if not args.sweep:
         raise UsageError("--sweep is required: a name in experiments/sweeps/ or a .py path")
     args.extra_flags = [*args.extra_flags, *passthrough]
+    check_extra_flags(args.extra_flags, args.seeds)
     return args, positional
+
+
+def check_extra_flags(extra_flags: Sequence[str], seeds: str | None) -> None:
+    """Extra train flags come last and win (absl), so they must not undo what the launcher
+    sets per run: its workdir, or with --seeds, its seed."""
+    for flag in extra_flags:
+        name = flag.lstrip("-").split("=", 1)[0] if flag.startswith("-") else ""
+        if name == "workdir":
+            raise UsageError(f"train flag {flag} (from --extra_flags or after --) would undo "
+                             "the launcher's --workdir, which puts each run in its own folder "
+                             "of the sweep; drop it, and choose that folder with --sweep_dir "
+                             "(launch.local) or --bucket and --sweep_name (launch.tpu)")
+        if name == "seed" and seeds:
+            raise UsageError(f"train flag {flag} (from --extra_flags or after --) would give "
+                             f"every run of --seeds={seeds} that one seed; drop one of the two")
 
 
 def split_passthrough(argv: Sequence[str]) -> tuple[list[str], list[str]]:

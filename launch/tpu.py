@@ -20,6 +20,7 @@ resumes from the newest checkpoint in the run's gs:// workdir. Every gcloud call
 launch.gcloud.Gcloud, which retries what passes; what runs on the workers is launch.workers.
 """
 
+import dataclasses
 import json
 import pathlib
 import re
@@ -32,8 +33,8 @@ from absl import flags
 
 from deeprnn.errors import UsageError, exit_on_usage_error
 from deeprnn.run.summary import is_finished
+from launch import checks, workers
 from launch import sweep as sweeps
-from launch import workers
 from launch.gcloud import ALREADY_EXISTS, NOT_FOUND, Gcloud, GcloudError
 from launch.watch import Watch
 
@@ -300,6 +301,9 @@ class TpuLauncher:
 
 
 COMMANDS = ("up", "run", "status", "requeue", "watch", "down")
+USAGE = (f"python -m launch.tpu {{{'|'.join(COMMANDS)}}} --sweep=NAME|PATH.py --bucket=gs://BUCKET "
+         "--zone=ZONE [flags] [-- train flags]")
+STARTS_RUNS = ("up", "requeue", "run", "watch")  # TPUs for runs, or the runs: the flagfile counts
 
 
 def define_flags(values: flags.FlagValues) -> None:
@@ -324,48 +328,47 @@ def define_flags(values: flags.FlagValues) -> None:
     flags.DEFINE_string("repo_url", None, "git clone this on the TPUs (default: copy this "
                         "tree).", **fv)
     flags.DEFINE_string("ref", "main", "Commit or branch to check out.", **fv)
-    flags.DEFINE_string("python_version", PYTHON_VERSION, "Python for the workers' venv (3.12: "
+    flags.DEFINE_string("python_version", PYTHON_VERSION, "Python X.Y of the workers' venv (3.12: "
                         "newer JAX and libtpu need it).", **fv)
     flags.DEFINE_float("log_copy_s", 120, "Copy each worker's log to <workdir>/logs/ this "
                        "often (and when the run ends).", **fv)
-    flags.DEFINE_integer("gcloud_retries", 4, "Attempts after a transient gcloud failure.", **fv)
+    flags.DEFINE_integer("gcloud_retries", 4, "Attempts after a transient gcloud failure.",
+                         lower_bound=0, upper_bound=100, **fv)
     flags.DEFINE_float("retry_s", 15, "First wait before a retry; doubled each time.", **fv)
     flags.DEFINE_float("poll_s", 300, "watch: seconds between polls.", **fv)
-    flags.DEFINE_integer("max_polls", 10_000, "watch: give up after N polls.", **fv)
+    flags.DEFINE_integer("max_polls", 10_000, "watch: give up after N polls.", lower_bound=1,
+                         **fv)
     flags.DEFINE_integer("max_restarts", 3, "watch: restarts of a run that died or stalled "
-                         "before it is marked failed and its TPU deleted.", **fv)
+                         "before it is marked failed and its TPU deleted.", lower_bound=0,
+                         **fv)
     flags.DEFINE_float("stall_s", 3600, "watch: a running run whose summary.json gains no step "
                        "for this long is stopped and restarted; keep it above the time between "
                        "checkpoints and the first compilation.", **fv)
     flags.DEFINE_boolean("keep_tpus", False, "watch: keep the TPU of a run that finished "
                          "(default: delete it, as it is billed until deleted).", **fv)
+    checks.register_tpu_checks(values)
 
 
 def parse_args(argv: Sequence[str]):
     """COMMAND first (or anywhere before a bare --), then flags."""
-    args, positional = sweeps.parse_launcher_args(define_flags, argv, "launch.tpu")
+    args, positional = sweeps.parse_launcher_args(define_flags, argv, "launch.tpu", USAGE)
     if len(positional) != 1 or positional[0] not in COMMANDS:
         raise UsageError(f"give one command of {', '.join(COMMANDS)} (got "
                          f"{' '.join(positional) or 'none'}), e.g. python -m launch.tpu up "
                          "--sweep=depth_cell --bucket=gs://BUCKET --zone=ZONE")
     args.command = positional[0]
-    for name in ("bucket", "zone"):
-        if not getattr(args, name):
-            raise UsageError(f"--{name} is required; see python -m launch.tpu --help")
-    if not args.bucket.startswith("gs://"):
-        raise UsageError(f"--bucket={args.bucket} must start with gs://")
+    checks.check_tpu_args(args)
     args.runtime_version = args.runtime_version or runtime_version_for(args.accelerator_type)
-    if args.data_dir and not args.data_dir.startswith("gs://"):
-        raise UsageError(f"--data_dir={args.data_dir} is a folder on this machine, which the TPU "
-                         "workers cannot read; omit it (each worker downloads its own copy of "
-                         "the corpora) or copy the <name>.txt files to gs://BUCKET/corpora and "
-                         "pass that")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     sweep = sweeps.select_runs(sweeps.load_sweep(args.sweep), args.runs, args.seeds)
+    checks.check_sweep_name(args.sweep_name or sweep.name)
+    if args.command in STARTS_RUNS:  # checked before any gcloud call; status and down need none
+        flagfile = checks.flagfile_for_workers(sweep, packed=not args.repo_url)
+        sweep = dataclasses.replace(sweep, base_flagfile=flagfile)
     return getattr(TpuLauncher(args, sweep), args.command)()
 
 

@@ -40,16 +40,22 @@ def _files(run: str) -> dict[str, str]:
     return {kind: f"{REMOTE_RUNS}/{run}.{kind}" for kind in ("lock", "log", "exit", "pgid")}
 
 
-def pack_source(path: pathlib.Path, dry_run: bool = False) -> None:
-    """This working tree (tracked and untracked files, not ignored ones) as a .tar.gz."""
+def source_files() -> list[str]:
+    """The files of this working tree that pack_source ships (tracked and untracked ones, not
+    ignored ones), relative to the repository, sorted."""
     try:  # read-only: which files git would ship, untracked ones included
-        listing = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO_ROOT,
-                                 check=True, text=True, capture_output=True)
-        files = listing.stdout.split()
+        listing = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"],
+                                 cwd=REPO_ROOT, check=True, text=True, capture_output=True)
+        files = [f for f in listing.stdout.split("\0") if f]
     except (OSError, subprocess.CalledProcessError):
         files = [str(p.relative_to(REPO_ROOT)) for p in REPO_ROOT.rglob("*")
                  if p.is_file() and not any(part.startswith(".") for part in p.parts)]
-    files = sorted(f for f in files if (REPO_ROOT / f).is_file())
+    return sorted(f for f in files if (REPO_ROOT / f).is_file())
+
+
+def pack_source(path: pathlib.Path, dry_run: bool = False) -> None:
+    """This working tree (source_files) as a .tar.gz."""
+    files = source_files()
     if dry_run:
         print(f"# pack {len(files)} files of {REPO_ROOT} into {path}")
         return

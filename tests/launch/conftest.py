@@ -1,4 +1,5 @@
-"""The fake gcloud of the TPU launcher tests (fake_gcloud.py), and its test hooks."""
+"""The fake gcloud of the TPU launcher tests (fake_gcloud.py), its test hooks, and the tiny
+sweep of the TPU tests."""
 
 import json
 import os
@@ -9,6 +10,25 @@ import sys
 import pytest
 
 HERE = pathlib.Path(__file__).resolve().parent
+# The TPU workers get the repository, so the TPU launcher takes only a flagfile in it (the
+# tiny_sweep of tests/conftest.py has one in a temporary folder): the runs of tiny_sweep.
+TPU_FLAGFILE = "experiments/time_machine_lstm.flags"
+TPU_SWEEP = f"""
+BASE_FLAGFILE = {TPU_FLAGFILE!r}
+
+def runs():
+    yield "small", {{"cell": "gru", "num_layers": 1}}
+    yield "deep", {{"cell": "lstm", "num_layers": 3}}, {{"eval_corpora": ["war_and_peace"]}}
+"""
+
+
+@pytest.fixture
+def tpu_sweep(tmp_path):
+    """(path of the sweep file `tiny.py`, its flagfile as the workers read it)."""
+    (tmp_path / "tpu").mkdir()
+    path = tmp_path / "tpu" / "tiny.py"  # tests/conftest.py's tiny_sweep is tmp_path/tiny.py
+    path.write_text(TPU_SWEEP)
+    return path, TPU_FLAGFILE
 
 
 class FakeGcloud:

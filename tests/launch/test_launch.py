@@ -60,22 +60,23 @@ def calls_of(workdir):
 
 def test_local_dry_run_prints_the_exact_commands(tiny_sweep, tmp_path, capsys):
     sweep_path, flagfile = tiny_sweep
-    sweep_dir = tmp_path / "runs"
+    sweep_dir, corpora = tmp_path / "runs", tmp_path / "corpora"
+    corpora.mkdir()
     assert local.main([f"--sweep={sweep_path}", f"--sweep_dir={sweep_dir}", "--dry_run",
-                       "--python=python", "--data_dir=/corpora", "--parallel_gpus=2",
+                       "--python=python", f"--data_dir={corpora}", "--parallel_gpus=2",
                        "--", "--num_train_steps=7"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f"cd {sweeps.REPO_ROOT}"
     assert [shlex.split(line) for line in lines[1:]] == [
         ["CUDA_VISIBLE_DEVICES=0", "python", "-m", "deeprnn.train", f"--flagfile={flagfile}",
-         f"--workdir={sweep_dir}/small", "--data_dir=/corpora", "--cell=gru", "--num_layers=1",
+         f"--workdir={sweep_dir}/small", f"--data_dir={corpora}", "--cell=gru", "--num_layers=1",
          "--num_train_steps=7"],
         ["CUDA_VISIBLE_DEVICES=1", "python", "-m", "deeprnn.train", f"--flagfile={flagfile}",
-         f"--workdir={sweep_dir}/deep", "--data_dir=/corpora", "--cell=lstm", "--num_layers=3",
+         f"--workdir={sweep_dir}/deep", f"--data_dir={corpora}", "--cell=lstm", "--num_layers=3",
          "--num_train_steps=7"],
         ["CUDA_VISIBLE_DEVICES=1", "python", "-m", "deeprnn.evaluate",
          f"--workdir={sweep_dir}/deep", "--corpus=war_and_peace", "--split=test",
-         "--data_dir=/corpora"],
+         f"--data_dir={corpora}"],
     ]
     assert not sweep_dir.exists()  # a dry run runs nothing
 
@@ -131,6 +132,7 @@ def test_local_dry_run_reads_data_dir_from_here_and_needs_the_flagfile(
         tiny_sweep, tmp_path, monkeypatch, capsys):
     sweep_path, flagfile = tiny_sweep
     monkeypatch.chdir(tmp_path)  # the runs themselves run in the repository's folder
+    (tmp_path / "mirror").mkdir()
     assert local.main([f"--sweep={sweep_path}", "--sweep_dir=runs", "--dry_run",
                        "--data_dir=mirror", "--runs=small"]) == 0
     assert f"--data_dir={tmp_path / 'mirror'} " in capsys.readouterr().out
@@ -206,7 +208,7 @@ def test_a_seed_given_twice_is_refused(tiny_sweep):
 def test_command_line_turns_bad_input_into_one_error_line(module, tmp_path):
     argv = [sys.executable, "-m", module, "--sweep=nope", f"--sweep_dir={tmp_path}"]
     if module == "launch.tpu":
-        argv = [sys.executable, "-m", module, "up", "--sweep=nope", "--bucket=gs://b", "--zone=z"]
+        argv = [sys.executable, "-m", module, "up", "--sweep=nope", "--bucket=gs://bkt", "--zone=z"]
     done = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path,
                           env={**os.environ, "PYTHONPATH": str(sweeps.REPO_ROOT)})
     assert done.returncode == 2
@@ -247,3 +249,61 @@ def test_local_runner_with_the_real_programs_then_the_report(tmp_path, capsys):
     assert "| rnn_l1 | rnn | 1 |" in report and "| gru_l2 | gru | 2 |" in report
     assert (tmp_path / "report" / "validation_perplexity.png").read_bytes()[:4] == b"\x89PNG"
 
+
+
+def test_a_sweep_dir_that_is_a_file_and_a_missing_data_dir_are_refused_up_front(
+        tiny_sweep, tmp_path, fake_programs, capsys):
+    sweep_path, _ = tiny_sweep
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for sweep_dir in (a_file, a_file / "runs"):
+        for dry_run in ([], ["--dry_run"]):
+            with pytest.raises(UsageError, match=f"{a_file} is a file, not a folder"):
+                local.main([f"--sweep={sweep_path}", f"--sweep_dir={sweep_dir}", *fake_programs,
+                            *dry_run])
+    with pytest.raises(UsageError, match="--data_dir=.*/nowhere is not a folder"):
+        local.main([f"--sweep={sweep_path}", f"--sweep_dir={tmp_path / 'runs'}",
+                    f"--data_dir={tmp_path / 'nowhere'}", *fake_programs])
+    assert capsys.readouterr().out == "" and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("launcher", ["local", "tpu"])
+@pytest.mark.parametrize("extra, seeds, message", [
+    (["--extra_flags=--workdir=/tmp/elsewhere"], [], "train flag --workdir=/tmp/elsewhere"),
+    (["--", "--workdir", "/tmp/elsewhere"], [], "train flag --workdir .*undo"),
+    (["--", "-workdir=/tmp/elsewhere"], [], "would undo the launcher's --workdir"),
+    (["--extra_flags=--seed=3"], ["--seeds=0,1"], "every run of --seeds=0,1 that one seed"),
+    (["--", "--seed=3"], ["--seeds=0,1"], "every run of --seeds=0,1 that one seed"),
+], ids=["workdir_extra_flags", "workdir_after_dashes", "workdir_one_dash", "seed_extra_flags",
+        "seed_after_dashes"])
+def test_extra_flags_may_not_undo_the_launchers_workdir_or_seeds(
+        launcher, extra, seeds, message, tmp_path, capsys):
+    from launch import tpu
+
+    argv = {"local": ["--sweep=depth_cell", f"--sweep_dir={tmp_path / 'runs'}", "--dry_run"],
+            "tpu": ["run", "--sweep=depth_cell", "--bucket=gs://bkt", "--zone=z", "--dry_run"]}
+    main = {"local": local.main, "tpu": tpu.main}[launcher]
+    with pytest.raises(UsageError, match=message):
+        main([*argv[launcher], *seeds, *extra])  # a bare -- comes last
+    assert capsys.readouterr().out == ""
+    main([*argv[launcher], "--runs=lstm_l2", "--extra_flags=--seed=3"])  # without --seeds: fine
+    assert "--seed=3" in capsys.readouterr().out
+
+
+def test_zero_gpus_per_run_is_refused_by_name():
+    with pytest.raises(UsageError, match=r"^--gpus_per_run=0 must be at least 1"):
+        local.device_slots(4, 0)
+
+
+@pytest.mark.parametrize("launcher, usage", [
+    ("tpu", "usage: python -m launch.tpu {up|run|status|requeue|watch|down} --sweep="),
+    ("local", "usage: python -m launch.local --sweep=NAME|PATH.py --sweep_dir=DIR "),
+])
+def test_help_names_what_each_launcher_requires(launcher, usage, capsys):
+    from launch import tpu
+
+    with pytest.raises(SystemExit) as exit_:
+        {"local": local.main, "tpu": tpu.main}[launcher](["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(usage) and "--sweep:" in out

@@ -4,6 +4,7 @@ What `watch` does over time, on fake workers that run those scripts, is test_tpu
 """
 
 import os
+import re
 import shlex
 import subprocess
 import tarfile
@@ -12,7 +13,8 @@ import pytest
 
 from deeprnn.errors import UsageError
 from launch import sweep as sweeps
-from launch import tpu
+from launch import tpu, workers
+from tests.launch.conftest import TPU_FLAGFILE
 
 
 def tpu_main(command, sweep_path, *extra):
@@ -20,9 +22,9 @@ def tpu_main(command, sweep_path, *extra):
                      "--project=proj", "--zone=us-central2-b", "--spot", *extra])
 
 
-def test_tpu_up_run_status_down_against_fake_gcloud(tiny_sweep, fake_gcloud, capsys):
+def test_tpu_up_run_status_down_against_fake_gcloud(tpu_sweep, fake_gcloud, capsys):
     calls = fake_gcloud.calls
-    sweep_path, flagfile = tiny_sweep
+    sweep_path, flagfile = tpu_sweep
     tpu_main("up", sweep_path)
     assert calls() == [
         ["compute", "tpus", "queued-resources", "create", f"deeprnn-tiny-{run}",
@@ -67,9 +69,9 @@ def test_tpu_up_run_status_down_against_fake_gcloud(tiny_sweep, fake_gcloud, cap
 
 
 def test_tpu_requeue_recreates_a_preempted_spot_tpu_and_run_restarts_it(
-        tiny_sweep, fake_gcloud, capsys):
+        tpu_sweep, fake_gcloud, capsys):
     calls, preempt = fake_gcloud.calls, fake_gcloud.preempt
-    sweep_path, _ = tiny_sweep
+    sweep_path, _ = tpu_sweep
     tpu_main("up", sweep_path)
     preempt("deeprnn-tiny-deep")
     before = len(calls())
@@ -91,9 +93,9 @@ def test_tpu_requeue_recreates_a_preempted_spot_tpu_and_run_restarts_it(
         "describe", "scp", "ssh", "ssh"]
 
 
-def test_tpu_watch_requeues_and_starts_each_run_once_per_tpu(tiny_sweep, fake_gcloud):
+def test_tpu_watch_requeues_and_starts_each_run_once_per_tpu(tpu_sweep, fake_gcloud):
     calls, preempt = fake_gcloud.calls, fake_gcloud.preempt
-    sweep_path, _ = tiny_sweep
+    sweep_path, _ = tpu_sweep
     tpu_main("up", sweep_path, "--runs=deep")
     preempt("deeprnn-tiny-deep")
     tpu_main("watch", sweep_path, "--runs=deep", "--poll_s=0", "--max_polls=3")
@@ -184,22 +186,22 @@ def test_workers_get_python_3_12_and_a_venv_of_another_python_is_made_again(
 
 def test_runs_that_would_share_a_tpu_name_are_refused(tmp_path):
     path = tmp_path / "names.py"
-    path.write_text("BASE_FLAGFILE = 'x.flags'\ndef runs():\n    yield 'a_b', {}\n"
+    path.write_text(f"BASE_FLAGFILE = {TPU_FLAGFILE!r}\ndef runs():\n    yield 'a_b', {{}}\n"
                     "    yield 'A.B', {}\n")
     with pytest.raises(UsageError, match="runs a_b and A.B would share the TPU name "
                                          "deeprnn-names-a-b"):
         tpu.main(["up", f"--sweep={path}", "--bucket=gs://bkt", "--zone=z", "--dry_run"])
 
 
-def test_a_missing_gcloud_is_a_usage_error(tiny_sweep, monkeypatch):
+def test_a_missing_gcloud_is_a_usage_error(tpu_sweep, monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(UsageError, match="gcloud is not on PATH"):
-        tpu.main(["status", f"--sweep={tiny_sweep[0]}", "--bucket=gs://bkt", "--zone=z"])
+        tpu.main(["status", f"--sweep={tpu_sweep[0]}", "--bucket=gs://bkt", "--zone=z"])
 
 
-def test_tpu_bad_bucket_is_a_usage_error(tiny_sweep):
+def test_tpu_bad_bucket_is_a_usage_error(tpu_sweep):
     with pytest.raises(UsageError, match="gs://"):
-        tpu.main(["up", f"--sweep={tiny_sweep[0]}", "--bucket=/local", "--zone=z"])
+        tpu.main(["up", f"--sweep={tpu_sweep[0]}", "--bucket=/local", "--zone=z"])
 
 
 def test_launch_readme_names_every_tpu_command():
@@ -217,3 +219,100 @@ def test_a_local_data_dir_is_refused_and_a_gs_one_reaches_every_run(capsys):
         tpu.main([*common, "--data_dir=../shared/corpora"])
     tpu.main([*common, "--data_dir=gs://bkt/corpora"])
     assert "--data_dir=gs://bkt/corpora" in remote_commands(capsys.readouterr().out)[-1]
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--gcloud_retries=-1", "not an integer in the range"),
+    ("--retry_s=-1", "must be a finite number of seconds, 0 or more"),
+    ("--poll_s=-1", "must be a finite number of seconds, 0 or more"),
+    ("--poll_s=1e300", "at most 86400"),
+    ("--log_copy_s=0", "more than 0"),
+    ("--log_copy_s=-5", "more than 0"),
+    ("--log_copy_s=nan", "more than 0"),
+    ("--max_polls=0", "not a positive integer"),
+    ("--max_restarts=-1", "not a non-negative integer"),
+    ("--stall_s=nan", "more than 0"),
+])
+def test_numeric_flags_out_of_range_are_refused_while_parsing(flag, message, fake_gcloud, capsys):
+    with pytest.raises(UsageError, match=f"^flag {flag.split('=')[0]}=.*{message}"):
+        tpu.main(["watch", "--sweep=depth_cell", "--bucket=gs://bkt", "--zone=z", "--dry_run",
+                  flag])
+    assert capsys.readouterr().out == "" and fake_gcloud.calls() == []
+
+
+@pytest.mark.parametrize("version", ["3.12.4", "3.12; touch ~/x", "3", "python3.12", "3.12\n"])
+def test_a_python_version_other_than_x_y_is_refused(version, capsys):
+    with pytest.raises(UsageError, match="must be a Python version X.Y such as 3.12"):
+        tpu.main(["run", "--sweep=depth_cell", "--bucket=gs://bkt", "--zone=z", "--dry_run",
+                  "--runs=lstm_l2", f"--python_version={version}"])
+    assert capsys.readouterr().out == ""
+    tpu.main(["run", "--sweep=depth_cell", "--bucket=gs://bkt", "--zone=z", "--dry_run",
+              "--runs=lstm_l2", "--python_version=3.13"])
+    assert "grep -qF 'Python 3.13.'" in remote_commands(capsys.readouterr().out)[0]
+
+
+def test_the_flagfile_must_exist_in_the_repository_before_any_gcloud_call(
+        tpu_sweep, tiny_sweep, fake_gcloud, monkeypatch, capsys):
+    path, _ = tpu_sweep
+    common = ["--bucket=gs://bkt", "--zone=z", "--runs=small"]
+    for command in ("up", "run", "requeue", "watch"):
+        for dry_run in ([], ["--dry_run"]):
+            path.write_text(TPU_SWEEP_BODY.format(flagfile="experiments/missing.flags"))
+            with pytest.raises(UsageError, match="flagfile experiments/missing.flags does not "
+                                                 "exist"):
+                tpu.main([command, f"--sweep={path}", *common, *dry_run])
+            # tests/conftest.py's tiny sweep: a flagfile that exists, outside the repository.
+            with pytest.raises(UsageError, match="lies outside the repository .* move it into "
+                                                 "the repository"):
+                tpu.main([command, f"--sweep={tiny_sweep[0]}", *common, *dry_run])
+    assert fake_gcloud.calls() == [] and capsys.readouterr().out == ""
+    # status and down need no flagfile: a sweep whose flagfile is gone can still be torn down.
+    assert tpu.main(["down", f"--sweep={path}", *common]) == 0
+    # Given by its absolute path in the repository: the workers read it from their copy.
+    path.write_text(TPU_SWEEP_BODY.format(flagfile=str(sweeps.REPO_ROOT / TPU_FLAGFILE)))
+    tpu.main(["run", f"--sweep={path}", *common, "--dry_run"])
+    assert f"deeprnn.train --flagfile={TPU_FLAGFILE} " in remote_commands(
+        capsys.readouterr().out)[-1]
+    # One that git ignores is not in the copy of this tree the workers get; a clone: not known.
+    monkeypatch.setattr(workers, "source_files", lambda: [])
+    with pytest.raises(UsageError, match="is ignored by git"):
+        tpu.main(["run", f"--sweep={path}", *common, "--dry_run"])
+    tpu.main(["run", f"--sweep={path}", *common, "--dry_run", "--repo_url=https://x/y.git"])
+
+
+TPU_SWEEP_BODY = "BASE_FLAGFILE = {flagfile!r}\ndef runs():\n    yield 'small', {{}}\n"
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", "../up", ".hidden", "a\n"])
+def test_a_sweep_name_that_is_no_plain_folder_name_is_refused(name, tmp_path, capsys):
+    common = ["up", "--bucket=gs://bkt", "--zone=z", "--dry_run", "--runs=lstm_l2"]
+    with pytest.raises(UsageError, match="(?s)^flag --sweep_name=.*must be letters, digits"):
+        tpu.main([*common, "--sweep=depth_cell", f"--sweep_name={name}"])
+    sweep_file = tmp_path / "my sweep.py"  # the sweep's name, unless --sweep_name is given
+    sweep_file.write_text((sweeps.SWEEPS_DIR / "depth_cell.py").read_text())
+    with pytest.raises(UsageError, match="sweep name 'my sweep', from its file name, must be"):
+        tpu.main([*common, f"--sweep={sweep_file}"])
+    tpu.main([*common, f"--sweep={sweep_file}", "--sweep_name=my_sweep"])
+    assert capsys.readouterr().out.startswith(
+        "gcloud compute tpus queued-resources create deeprnn-my-sweep-lstm-l2 ")
+
+
+@pytest.mark.parametrize("flag", [
+    "--bucket=gs://", "--bucket=gs:///x", "--bucket=gs://Upper", "--bucket=gs://ab",
+    "--bucket=gs://-bkt", "--bucket=gs://bkt//x", "--bucket=gs://bkt/../x", "--bucket=gs://bkt/a*",
+    "--name_prefix=1abc", "--name_prefix=", "--accelerator_type=v4",
+    "--accelerator_type=v4-abc", "--accelerator_type=v4-0", "--accelerator_type=V4-8"])
+def test_buckets_tpu_name_prefixes_and_accelerator_types_gcloud_would_refuse(flag, capsys):
+    with pytest.raises(UsageError, match=f"^flag {re.escape(flag)}: must"):
+        tpu.main(["up", "--sweep=depth_cell", "--zone=z", "--dry_run", "--runs=lstm_l2",
+                  *(["--bucket=gs://bkt"] if "bucket" not in flag else []), flag])
+    assert capsys.readouterr().out == ""
+
+
+def test_a_gs_data_dir_is_checked_like_the_bucket_and_good_names_pass(capsys):
+    common = ["up", "--sweep=depth_cell", "--zone=z", "--dry_run", "--runs=lstm_l2"]
+    with pytest.raises(UsageError, match="^--data_dir=gs:// must be gs://BUCKET"):
+        tpu.main([*common, "--bucket=gs://bkt", "--data_dir=gs://"])
+    tpu.main([*common, "--bucket=gs://my.bucket_1/a/b/", "--name_prefix=Runs_2",
+              "--accelerator_type=v5litepod-16", "--data_dir=gs://bkt/corpora"])
+    assert "create runs-2-depth-cell-lstm-l2 " in capsys.readouterr().out

@@ -109,3 +109,39 @@ def test_is_finished_reads_the_finished_mark_or_test_metrics():
     assert not is_finished({"steps_done": 10, "final": {}})
     assert is_finished({"finished": True})
     assert is_finished({"final": {"test/perplexity": 5.0}})
+
+
+BASE = "BASE_FLAGFILE = 'experiments/time_machine_lstm.flags'\n"
+
+
+@pytest.mark.parametrize("body, message", [
+    (BASE + "def runs(:\n", "SyntaxError: invalid syntax"),
+    (BASE + "def runs():\n    return undefined\n", "NameError: name 'undefined' is not defined"),
+    (BASE + "def runs():\n    return [('a', {'lr': 1 / 0})]\n", "ZeroDivisionError"),
+    (BASE + "runs = [('a', {})]\n", "TypeError: 'list' object is not callable"),
+    ("import sys\nsys.exit(3)\n", "SystemExit: 3"),
+], ids=["syntax", "name_error", "zero_division", "runs_not_callable", "sys_exit"])
+def test_any_error_in_a_sweep_file_is_one_usage_error(tmp_path, body, message):
+    path = tmp_path / "bad.py"
+    path.write_text(body)
+    with pytest.raises(UsageError, match=f"^sweep {path}: {message}.*; fix the sweep file$"):
+        sweeps.load_sweep(str(path))
+
+
+@pytest.mark.parametrize("body, message", [
+    ("BASE_FLAGFILE = None\ndef runs():\n    yield 'a', {}\n", "BASE_FLAGFILE must be a flagfile"),
+    (BASE + "def runs():\n    yield 'a', {}, ['war_and_peace']\n", "third element must be a dict"),
+    (BASE + "def runs():\n    yield 'a', [('cell', 'gru')]\n", "flags must be a dict"),
+    (BASE + "def runs():\n    yield 'a', {}, {'eval_corpora': None}\n",
+     "eval_corpora must be a list of corpus specs, got None"),
+    (BASE + "def runs():\n    yield 'a', {}, {'eval_corpus': ['war_and_peace']}\n",
+     "unknown metadata key 'eval_corpus'; use eval_corpora"),
+    (BASE + "def runs():\n    return []\n", "runs\\(\\) yields no run"),
+    (BASE + "def runs():\n    yield 'a', {'workdir': '/tmp/a'}\n", "sets workdir"),
+], ids=["base_none", "metadata_list", "flags_list", "eval_corpora_none", "metadata_typo",
+        "empty", "workdir"])
+def test_a_malformed_sweep_is_refused_before_anything_runs(tmp_path, body, message):
+    path = tmp_path / "bad.py"
+    path.write_text(body)
+    with pytest.raises(UsageError, match=f"^sweep {path}: .*{message}"):
+        sweeps.load_sweep(str(path))

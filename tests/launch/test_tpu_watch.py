@@ -35,9 +35,9 @@ def failure_record(fake, run):
 
 
 @pytest.fixture
-def sweep(tiny_sweep, fake_gcloud):
+def sweep(tpu_sweep, fake_gcloud):
     fake_gcloud.workers(1)
-    return tiny_sweep[0]
+    return tpu_sweep[0]
 
 
 def test_a_run_that_keeps_dying_is_restarted_then_failed_and_its_tpu_deleted(
