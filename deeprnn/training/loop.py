@@ -204,9 +204,9 @@ class Trainer:
         """State and carry onto the devices, the logs opened, the steps compiled."""
         cfg = self.config
         self.state, self.carry = self.devices.from_logical(self.state, self.carry)
-        # resume_step=-1 clears logs left by a run that crashed before its first checkpoint.
-        if not self.resumed:
+        if not self.resumed:  # a start that crashed before its first checkpoint left these
             drop_best(self.workdir)
+        # resume_step=-1 clears logs left by a run that crashed before its first checkpoint.
         self.writer = RunWriter(self.workdir, enabled=self.is_main, tensorboard=cfg.tensorboard,
                                 resume_step=self.step if self.resumed else -1)
         self.meta_info = run_metadata(cfg, self.model_config, self._local_params(), self.splits,
