@@ -1,0 +1,87 @@
+"""Command lines that used to end in a traceback or the wrong status: every spelling of help
+and a flagfile that is not text. In-process where the parsing allows; the few subprocesses
+check the programs' own parser."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from deeprnn.config import parse_args
+from deeprnn.errors import UsageError, help_form, parse_argv
+from deeprnn.run import lifecycle
+from tests.helpers import REPO
+
+
+def cli(*args, timeout=120):
+    # cwd=REPO: `python -m` imports this checkout's deeprnn, not another editable install.
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=timeout)
+
+
+def test_the_programs_run_this_checkouts_package():
+    """The subprocesses below test this checkout only if `python -m` finds its deeprnn first
+    (an editable install may point at another checkout)."""
+    done = cli("deeprnn.report", "--helpxml")  # the XML names each flag's defining file
+    assert done.returncode == 0
+    assert f"<file>{REPO / 'deeprnn' / 'report.py'}</file>" in done.stdout
+
+
+@pytest.mark.parametrize("args, form", [
+    (["--help"], "short"), (["-help"], "short"), (["--help=true"], "short"),
+    (["-help=T"], "short"), (["-h"], "short"), (["-?"], "short"), (["--helpshort"], "short"),
+    (["-helpfull"], "full"), (["--helpfull=1"], "full"), (["--helpxml"], "xml"),
+    (["--help=false"], None), (["--nohelp"], None), (["--prefix=--help"], None),
+    (["--", "--help"], None), (["--workdir=x", "-helpxml"], "xml"),
+])
+def test_every_absl_spelling_of_help_is_recognised(args, form):
+    """-help, -helpfull, --help=true and --helpxml used to reach absl, which printed the help
+    and exited 1 (a failure, to a script)."""
+    assert help_form(args) == form
+
+
+@pytest.mark.parametrize("flag", ["-help", "--help=true", "--helpxml", "-helpfull"])
+def test_help_in_process_exits_0(flag, capsys):
+    with pytest.raises(SystemExit) as done:
+        parse_args([flag])
+    assert done.value.code == 0 and "num_hiddens" in capsys.readouterr().out
+
+
+def test_help_on_the_command_line_and_in_a_flagfile_exits_0(tmp_path):
+    for args in (["-help"], ["--help=true"], ["--helpxml"]):
+        done = cli("deeprnn.report", *args)
+        assert done.returncode == 0 and "sweep_dir" in done.stdout, (args, done.stderr)
+    flagfile = tmp_path / "help.flags"
+    flagfile.write_text("--helpfull\n")  # absl itself prints this one, and exited 1
+    done = cli("deeprnn.report", f"--flagfile={flagfile}")
+    assert done.returncode == 0 and "sweep_dir" in done.stdout, done.stderr
+
+
+def test_a_flagfile_that_is_not_text_is_one_line_naming_it(tmp_path):
+    """It was a UnicodeDecodeError traceback, naming no file."""
+    binary = tmp_path / "bin.flags"
+    binary.write_bytes(b"\xff\xfe\x00--num_layers=2\x80")
+    outer = tmp_path / "outer.flags"
+    outer.write_text(f"--num_layers=1\n--flagfile={binary}\n")
+    message = (rf"flagfile {binary} is not text \(byte 0xff at offset 0 is not utf-8\); a "
+               r"flagfile holds --flag=value lines, one a line; see python -m deeprnn.train")
+    for flagfile in (binary, outer):  # named on the command line, or inside another flagfile
+        with pytest.raises(UsageError, match=message):
+            parse_args([f"--flagfile={flagfile}"])
+    done = cli("deeprnn.report", f"--flagfile={outer}")  # the programs' parser says the same
+    assert done.returncode == lifecycle.EXIT_USAGE
+    assert done.stderr.startswith(f"error: flagfile {binary} is not text")
+    assert done.stderr.count("\n") == 1, done.stderr
+
+
+def test_a_help_request_on_a_fresh_flag_set_exits_0(capsys):
+    """The benchmark and the launchers parse with parse_argv: -help was an unknown flag."""
+    def define(values):
+        from absl import flags
+        flags.DEFINE_integer("rows", 1, "Rows.", flag_values=values)
+
+    with pytest.raises(SystemExit) as done:
+        parse_argv(define, ["-help"], "deeprnn.bench")
+    assert done.value.code == 0 and "--rows" in capsys.readouterr().out
