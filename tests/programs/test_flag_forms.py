@@ -1,6 +1,7 @@
-"""Command lines that used to end in a traceback or the wrong status: every spelling of help
-and a flagfile that is not text. In-process where the parsing allows; the few subprocesses
-check the programs' own parser."""
+"""Command lines that used to end in a traceback or the wrong status: every spelling of help,
+a flagfile that is not text, the multi-host flags and integers too large for int64.
+In-process where the parsing allows; the few subprocesses are refused before JAX loads, but
+for --multihost alone, which only JAX can judge."""
 
 from __future__ import annotations
 
@@ -85,3 +86,33 @@ def test_a_help_request_on_a_fresh_flag_set_exits_0(capsys):
     with pytest.raises(SystemExit) as done:
         parse_argv(define, ["-help"], "deeprnn.bench")
     assert done.value.code == 0 and "--rows" in capsys.readouterr().out
+
+
+def test_multihost_alone_outside_a_cluster_is_one_line_and_creates_nothing(tmp_path):
+    """Only JAX can tell whether the environment is a cluster (a Cloud TPU pod slice is);
+    outside one it raised `ValueError: coordinator_address should be defined`."""
+    workdir = tmp_path / "run"
+    done = cli("deeprnn.train", f"--workdir={workdir}", "--multihost", "--notensorboard",
+               "--num_train_steps=1")
+    assert done.returncode == lifecycle.EXIT_USAGE, done.stderr[-2000:]
+    assert done.stderr.endswith("error: --multihost found no cluster in this environment to "
+                                "join (JAX says: coordinator_address should be defined.); "
+                                "outside Cloud TPU pass --coordinator_address=HOST:PORT "
+                                "--num_processes=N --process_id=I\n"), done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and not workdir.exists()
+
+
+@pytest.mark.parametrize("program, args, message", [
+    ("evaluate", ["--multihost", "--coordinator_address=nonsense", "--num_processes=2",
+                  "--process_id=1"], "--coordinator_address='nonsense' is not HOST:PORT"),
+    ("evaluate", ["--num_processes=3"], "--num_processes=3 applies only with --multihost"),
+    ("generate", ["--length=99999999999999999999"],
+     "--length=99999999999999999999 is too large; give at most 1000000"),
+    ("generate", ["--seed=99999999999999999999", "--temperature=1"],
+     "--seed=99999999999999999999 is out of range; give a seed in [0, 4294967295]"),
+])
+def test_evaluate_and_generate_check_their_flags_first(program, args, message, tmp_path):
+    done = cli(f"deeprnn.{program}", f"--workdir={tmp_path}", *args)
+    assert done.returncode == lifecycle.EXIT_USAGE
+    assert done.stderr == f"error: {message}" + done.stderr.split(message, 1)[1], done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
