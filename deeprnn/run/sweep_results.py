@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from etils import epath
 
 from deeprnn.errors import UsageError
+from deeprnn.run.outputs import check_output_folder
 from deeprnn.run.summary import REWRITE, SUMMARY_FILE, UnreadableSummary, read_summary
 from deeprnn.run.writers import read_metrics
 
@@ -356,6 +357,11 @@ def write_report(sweep_dir: str, out_dir: str | None = None) -> str:
 
     left_out: list[str] = []
     runs = load_runs(sweep_dir, left_out)
+    if out_dir:
+        check_output_folder(out_dir, "out")
+    else:
+        check_output_folder(sweep_dir, "sweep_dir", "pass --out=FOLDER to write the report "
+                                                    "elsewhere")
     groups = group_by_seed(runs)
     out = epath.Path(out_dir or sweep_dir)
     out.mkdir(parents=True, exist_ok=True)

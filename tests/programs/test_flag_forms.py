@@ -1,10 +1,11 @@
 """Command lines that used to end in a traceback or the wrong status: every spelling of help,
-a flagfile that is not text, the multi-host flags and integers too large for int64.
-In-process where the parsing allows; the few subprocesses are refused before JAX loads, but
-for --multihost alone, which only JAX can judge."""
+a flagfile that is not text, the multi-host flags, integers too large for int64, and output
+paths that cannot be written. In-process where the parsing allows; the few subprocesses are
+refused before JAX loads, but for --multihost alone, which only JAX can judge."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -13,7 +14,9 @@ import pytest
 from deeprnn.config import parse_args
 from deeprnn.errors import UsageError, help_form, parse_argv
 from deeprnn.run import lifecycle
+from deeprnn.run.outputs import check_output_file
 from tests.helpers import REPO
+from tests.programs.test_failures import without_dac_override
 
 
 def cli(*args, timeout=120):
@@ -116,3 +119,37 @@ def test_evaluate_and_generate_check_their_flags_first(program, args, message, t
     assert done.returncode == lifecycle.EXIT_USAGE
     assert done.stderr == f"error: {message}" + done.stderr.split(message, 1)[1], done.stderr
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+def test_evaluate_output_is_checked_before_the_scoring(tmp_path):
+    """A folder, a parent that is a file or a read-only folder failed after the whole
+    evaluation, naming a temporary file (`PATH.tmp-10657: Is a directory`) or the wrong one
+    (`File exists`), with no fix."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(UsageError, match=rf"--output={tmp_path} is a folder; give a file path"):
+        check_output_file(str(tmp_path), "output")
+    for path in (blocker / "result.json", blocker / "deeper" / "result.json"):
+        with pytest.raises(UsageError, match=rf"--output={path}: {blocker} is a file, not a "
+                                             r"folder; give a file path in a folder you can"):
+            check_output_file(str(path), "output")
+    check_output_file(str(tmp_path / "new" / "folders" / "result.json"), "output")  # made
+    check_output_file("gs://bucket/result.json", "output")  # checked by its write, as before
+    # The program refuses before loading the run: this workdir holds no run at all.
+    done = cli("deeprnn.evaluate", f"--workdir={tmp_path / 'no_run'}", f"--output={tmp_path}")
+    assert done.returncode == lifecycle.EXIT_USAGE
+    assert done.stderr.startswith(f"error: --output={tmp_path} is a folder"), done.stderr
+
+
+def test_a_read_only_output_folder_is_named_with_the_fix(tmp_path):
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    done = subprocess.run(
+        [*without_dac_override(), sys.executable, "-m", "deeprnn.evaluate",
+         f"--workdir={tmp_path}", f"--output={read_only}/result.json"],
+        capture_output=True, text=True, cwd=REPO, env=os.environ, timeout=120)
+    assert done.returncode == lifecycle.EXIT_USAGE, done.stderr
+    assert done.stderr == (f"error: --output={read_only}/result.json: cannot write in "
+                           f"{read_only} (permission denied); give a file path in a folder you "
+                           "can write\n")

@@ -1,6 +1,7 @@
 """The sweep report on fabricated runs whose means, spreads and rows are known by hand."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -181,6 +182,28 @@ def test_a_report_with_no_readable_run_is_one_error_naming_the_files(tmp_path, c
         report.write_report(str(root))
     assert capsys.readouterr().err == ""  # the error line alone, no warnings before it
     assert sorted(p.name for p in root.iterdir()) == ["other", "run"]
+
+
+def test_report_output_folder_is_checked_before_anything_is_drawn(sweep_dir, tmp_path,
+                                                                  monkeypatch):
+    """--out=<a file> failed after the plots with `File exists`, naming no flag."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(UsageError, match=r"--out=.*a_file is a file, not a folder; give a "
+                                         r"folder$"):
+        report.write_report(str(sweep_dir), str(blocker))
+    with pytest.raises(UsageError, match=r"--out=.*a_file/plots: .*a_file is a file, not a "
+                                         r"folder"):
+        report.write_report(str(sweep_dir), str(blocker / "plots"))
+    # A sweep folder the user cannot write (root can, so its permission is faked here).
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: path != str(sweep_dir) and
+                        real_access(path, mode))
+    with pytest.raises(UsageError, match=r"--sweep_dir=.*: cannot write in .* \(permission "
+                                         r"denied\); pass --out=FOLDER to write the report "
+                                         r"elsewhere"):
+        report.write_report(str(sweep_dir))
+    assert not list(sweep_dir.glob("*.png")) and not (sweep_dir / "report.md").exists()
 
 
 def test_runs_without_a_held_out_split_are_reported_by_training_perplexity(tmp_path):

@@ -12,13 +12,14 @@ import time
 import urllib.request
 
 import pytest
+from etils import epath
 from tensorboard.backend.event_processing import plugin_event_accumulator
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from deeprnn.errors import UsageError
 from deeprnn.run.console import ProgressLine, format_count, format_duration
 from deeprnn.run.summary import UnreadableSummary, read_summary, summary_if_any, write_summary
-from deeprnn.run.writers import RunWriter, read_metrics
+from deeprnn.run.writers import RunWriter, read_metrics, write_text_whole
 
 SAMPLE_TAG = "samples/time traveller"
 
@@ -183,6 +184,16 @@ def test_a_summary_that_is_not_a_json_object_is_unreadable(content, match, tmp_p
         read_summary(str(tmp_path))
     assert "\n" not in str(info.value)
     assert summary_if_any(str(tmp_path)) is None  # what the launcher and a resume see
+
+
+def test_a_failed_whole_write_names_the_file_not_its_temporary(tmp_path):
+    """`evaluate --output=FOLDER` said `FOLDER.tmp-123: Is a directory`."""
+    folder = tmp_path / "result.json"
+    folder.mkdir()
+    with pytest.raises(IsADirectoryError) as info:
+        write_text_whole(epath.Path(folder), "{}")
+    assert info.value.filename == str(folder)
+    assert os.listdir(tmp_path) == ["result.json"]  # and no temporary file is left
 
 
 def test_gcs_workdir_through_epath(tmp_path, fake_gcs):
