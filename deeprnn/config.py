@@ -20,6 +20,7 @@ import os
 from absl import flags
 
 from deeprnn.errors import UsageError, parse_argv
+from deeprnn.limits import SEED_MAX, UPPER_BOUNDS, check_at_most, check_multihost, check_seed
 
 # Every flag with a fixed set of values, and those values (the first is not always the default).
 CHOICES = {
@@ -295,6 +296,15 @@ def validate(config: RunConfig) -> RunConfig:
     for name in non_negative:
         if getattr(config, name) < 0:
             raise UsageError(f"--{name} must be 0 or more, got {getattr(config, name)}")
+    for name in UPPER_BOUNDS:
+        check_at_most(name, getattr(config, name))
+    check_seed(config.seed)
+    if config.seed + config.num_seeds - 1 > SEED_MAX:
+        raise UsageError(f"--seed={config.seed} with --num_seeds={config.num_seeds} trains seeds"
+                         f" up to {config.seed + config.num_seeds - 1}, above {SEED_MAX} (JAX's "
+                         "PRNG takes a 32-bit seed); lower --seed")
+    check_multihost(config.multihost, config.coordinator_address, config.num_processes,
+                    config.process_id)
     if not config.lr > 0 or not math.isfinite(config.lr):
         raise UsageError(f"--lr must be a positive number, got {config.lr}; the book uses 2")
     if not config.clip_norm > 0:

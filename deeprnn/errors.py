@@ -10,6 +10,7 @@ with an argument list (the benchmark and the launchers).
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -17,7 +18,11 @@ from absl import flags
 from absl import logging as absl_logging
 
 EXIT_USAGE = 2
-HELP_ARGS = ("--help", "-h", "-?", "--helpfull", "--helpshort")
+# absl's help flags (and -h) -> the help each prints. absl takes one dash or two and a boolean
+# value (--help=true), prints the help and exits with status 1; here every form exits 0.
+HELP_FLAGS = {"help": "short", "h": "short", "?": "short", "helpshort": "short",
+              "helpfull": "full", "helpxml": "xml"}
+_TRUE = ("true", "t", "1")  # absl's spellings of a true boolean (any case)
 
 
 class UsageError(ValueError):
@@ -52,21 +57,24 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
     """absl's flag parser, for `app.run(main, flags_parser=parse_flags_or_exit)`.
 
     A bad flag or flagfile, or a positional argument (no program takes one), is one `error:`
-    line and status 2 (absl's own message is a FATAL line plus a hint, and status 1); --help
-    and --helpfull print the flags and exit 0 (absl's exit 1, which means a failed write
-    here). An unset --verbosity means WARNING: Orbax logs every checkpoint
+    line and status 2 (absl's own message is a FATAL line plus a hint, and status 1); every
+    help form (`help_form`) prints the flags and exits 0 (absl's exit 1, which means a failed
+    write here). An unset --verbosity means WARNING: Orbax logs every checkpoint
     read and write at INFO, which buries the progress line and the program's output. It is set
     here because app.run turns an unset --verbosity into INFO right after this parser returns.
     """
     program = _program_name(argv[0])
-    if any(arg in HELP_ARGS for arg in argv[1:]):  # absl's own help flags exit with status 1
-        print(_help(full="--helpfull" in argv[1:]))
+    form = help_form(argv[1:])
+    if form:  # absl's own help flags exit with status 1
+        _print_help(flags.FLAGS, form, _help(full=form == "full"))
         sys.exit(0)
     try:
         remaining = flags.FLAGS(argv)
-    except flags.Error as err:
-        print(f"error: {_flag_error(err)}; see {program} --helpfull", file=sys.stderr)
+    except (flags.Error, UnicodeDecodeError) as err:
+        print(f"error: {_flag_error(err, argv[1:])}; see {program} --helpfull", file=sys.stderr)
         sys.exit(EXIT_USAGE)
+    except SystemExit as done:  # a help flag inside a flagfile: absl printed it, status 1
+        sys.exit(0 if done.code == 1 else done.code)
     if len(remaining) > 1:  # absl would hand them to main, which has no use for them
         print(f"error: unexpected argument(s) {' '.join(map(repr, remaining[1:]))}: every "
               "setting is a --flag, and a value with spaces needs quotes (--prefix=\"the time "
@@ -83,14 +91,37 @@ def parse_argv(define_flags: Callable, argv: Sequence[str], program: str):
     --help prints the flags and exits 0. absl reads `--flagfile` here as everywhere."""
     values = flags.FlagValues()
     define_flags(values)
-    if any(arg in HELP_ARGS for arg in argv):
-        print(f"usage: python -m {program} [flags]\n\n{values.get_help()}")
+    form = help_form(argv)
+    if form:
+        _print_help(values, form, f"usage: python -m {program} [flags]\n\n{values.get_help()}")
         sys.exit(0)
     try:
         positional = values([program, *argv])[1:]
-    except flags.Error as err:
-        raise UsageError(f"{_flag_error(err)}; see python -m {program} --help") from err
+    except (flags.Error, UnicodeDecodeError) as err:
+        raise UsageError(f"{_flag_error(err, argv)}; see python -m {program} --help") from err
     return values, positional
+
+
+def help_form(args: Sequence[str]) -> str | None:
+    """Which help the arguments ask for, in any of absl's spellings (--help, -help,
+    --help=true, -?, --helpfull, --helpshort, --helpxml) or -h: "short", "full", "xml", or
+    None. Arguments after `--` are not flags."""
+    for arg in args:
+        if arg == "--":
+            break
+        if not arg.startswith("-"):
+            continue
+        name, has_value, value = arg[2 if arg.startswith("--") else 1:].partition("=")
+        if name in HELP_FLAGS and (not has_value or value.lower() in _TRUE):
+            return HELP_FLAGS[name]
+    return None
+
+
+def _print_help(values: flags.FlagValues, form: str, text: str) -> None:
+    if form == "xml":
+        values.write_help_in_xml_format(sys.stdout)
+    else:
+        print(text)
 
 
 def _help(full: bool) -> str:
@@ -102,10 +133,35 @@ def _help(full: bool) -> str:
     return "\n\n".join(flags.FLAGS.module_help(m) for m in modules)
 
 
-def _flag_error(err: Exception) -> str:
+def _flag_error(err: Exception, args: Sequence[str]) -> str:
+    if isinstance(err, UnicodeDecodeError):  # absl reads a flagfile as text, naming no file
+        where = _undecodable_flagfile(args)
+        return (f"{f'flagfile {where}' if where else 'a flagfile'} is not text (byte "
+                f"0x{err.object[err.start]:02x} at offset {err.start} is not "
+                f"{err.encoding}); a flagfile holds --flag=value lines, one a line")
     message = str(err).removeprefix("ERROR:: ")  # absl prefixes flagfile errors
     if "Unable to open flagfile" in message:
         # absl reads a flagfile path, a nested one too, from the current folder.
         message += " (flagfile paths, nested ones too, are read from the current folder: " \
                    "run from the repository root)"
     return message
+
+
+def _undecodable_flagfile(args: Sequence[str], depth: int = 0) -> str | None:
+    """The first flagfile named in `args`, or in a flagfile they name, that is not text."""
+    for index, arg in enumerate(args):
+        name, has_value, value = arg.lstrip("-").partition("=")
+        if name != "flagfile" or not arg.startswith("-"):
+            continue
+        path = value if has_value else (args[index + 1] if index + 1 < len(args) else "")
+        try:
+            with open(os.path.expanduser(path)) as f:  # as absl opens it
+                lines = f.read().splitlines()
+        except UnicodeDecodeError:
+            return path
+        except OSError:
+            continue
+        if depth < 8 and (nested := _undecodable_flagfile([s.strip() for s in lines],
+                                                          depth + 1)):
+            return nested
+    return None

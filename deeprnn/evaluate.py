@@ -16,6 +16,8 @@ import sys
 from absl import app, flags
 
 from deeprnn.errors import UsageError, exit_on_usage_error, parse_flags_or_exit
+from deeprnn.limits import check_multihost
+from deeprnn.run.outputs import check_output_file
 
 FLAGS = flags.FLAGS
 UNK_WARNING_RATE = 0.25  # a quarter unseen: the score is more about <unk> than the model
@@ -51,6 +53,10 @@ def main(argv):
     with exit_on_usage_error():
         if not FLAGS.workdir:
             raise UsageError("--workdir is required: the folder of a trained run")
+        check_multihost(FLAGS.multihost, FLAGS.coordinator_address, FLAGS.num_processes,
+                        FLAGS.process_id)
+        if FLAGS.output:  # before the scoring, which a bad path would only fail after
+            check_output_file(FLAGS.output, "output")
         # deferred: JAX loads (seconds) only once the flags are known good
         import jax
         from etils import epath

@@ -215,6 +215,23 @@ def parse_spec(spec: str) -> list[str]:
     return entries
 
 
+def _refuse_a_path_with_a_comma(spec: str, index: int) -> None:
+    """Entry `index` of the spec is a missing file or an unknown name: when it and its
+    neighbours, joined by their commas, make a file: path that exists, the spec cut a path at
+    its comma (commas separate documents, and a spec has no way to quote one)."""
+    pieces = spec.split(",")
+    for first in range(index + 1):
+        for last in range(max(index, first + 1), len(pieces)):
+            joined = ",".join(pieces[first:last + 1]).strip()
+            if joined.startswith("file:") and Path(joined.removeprefix("file:")).expanduser(
+                    ).is_file():
+                parts = " and ".join(repr(p.strip()) for p in pieces[first:last + 1])
+                raise UsageError(
+                    f"corpus spec {spec!r}: commas separate documents, so it reads {parts}, "
+                    f"not the file {joined.removeprefix('file:')!r}; a path with a comma "
+                    "cannot be given: copy or link the file to a name without one")
+
+
 def _default_tfds_data_dir() -> str:
     # TFDS's own default, computed without importing TFDS.
     return os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
@@ -318,16 +335,22 @@ def load_documents(spec: str, data_dir: str | None = None, tfds_data_dir: str | 
                          "texts between hosts, put <name>.txt files in a folder such as "
                          "gs://BUCKET/corpora and pass it as --data_dir")
     documents = []
-    for entry in parse_spec(spec):
+    for index, entry in enumerate(parse_spec(spec)):
         if entry.startswith("file:"):
             if not entry.removeprefix("file:").strip():
                 raise UsageError(f"corpus {entry!r} names no file; give its path, e.g. "
                                  "file:books/kafka.txt")
             path = Path(entry.removeprefix("file:")).expanduser()
+            if not path.exists():
+                _refuse_a_path_with_a_comma(spec, index)
             documents.append(document_from_bytes(entry, _read_file(path), "", "", str(path),
                                                  fallback_title=path.stem))
             continue
-        source = resolve_source(entry)
+        try:
+            source = resolve_source(entry)
+        except UsageError:
+            _refuse_a_path_with_a_comma(spec, index)
+            raise
         if source.archive is not None:
             documents.append(_load_archive(source, mirror, tfds_data_dir, fetch or fetch_url))
             continue

@@ -263,7 +263,11 @@ def build_splits(documents, preprocess_rule: str = "d2l",
     for doc in documents:
         text = preprocess(doc.text, preprocess_rule)  # `raw` returns the text itself: no copy
         if not text.strip():
-            raise UsageError(f"corpus {doc.name!r} is empty after --preprocess={preprocess_rule}")
+            raise UsageError(
+                f"corpus {doc.name!r} holds only whitespace; give a document with text"
+                if preprocess_rule == "raw" else
+                f"corpus {doc.name!r} is empty after --preprocess={preprocess_rule}, which "
+                "keeps only the letters A-Z; --preprocess=raw keeps every character")
         if remaining is not None:
             text, remaining = text[:remaining], remaining - min(remaining, len(text))
         texts.append(text)

@@ -135,8 +135,9 @@ def final_line(final: dict, train_perplexity: float, tokens_per_sec: float, devi
               for split in ("validation", "test") if f"{split}/perplexity" in final]
     if not scores:
         return f"perplexity {train_perplexity:.1f}, {speed}"
-    if "test/checkpoint_step" in final:
-        scores[-1] += f" (best-validation step {final['test/checkpoint_step']})"
+    if "test/checkpoint_step" in final:  # which parameters the test scored
+        which = final.get("test/params", "best-validation")
+        scores[-1] += f" ({which} step {final['test/checkpoint_step']})"
     return f"{'; '.join(scores)}; training perplexity {train_perplexity:.2f}; {speed}"
 
 

@@ -17,6 +17,7 @@ from deeprnn.errors import UsageError
 from deeprnn.run.writers import write_text_whole
 
 SUMMARY_FILE = "summary.json"
+REWRITE = "run the run's training command again to rewrite it"
 
 
 def _to_json_value(value: Any) -> Any:
@@ -34,18 +35,36 @@ def write_summary(workdir: str, summary: dict) -> None:
     write_text_whole(epath.Path(workdir) / SUMMARY_FILE, text)
 
 
+class UnreadableSummary(UsageError):
+    """summary.json is there but holds no JSON object: empty, cut off, damaged or not ours."""
+
+
 def read_summary(workdir: str) -> dict:
-    path = epath.Path(workdir) / SUMMARY_FILE
+    """The run's summary; UsageError when it has none, UnreadableSummary (a UsageError) when
+    the file is not a JSON object."""
+    path, text = epath.Path(workdir) / SUMMARY_FILE, ""
     if not path.exists():
         raise UsageError(f"{path} does not exist: is {workdir} the workdir of a run?")
-    return json.loads(path.read_text())
+    try:
+        text = path.read_text()
+        summary = json.loads(text)
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        problem = ("is not UTF-8 text" if isinstance(err, UnicodeDecodeError) else "is empty"
+                   if not text.strip() else f"is not JSON ({err})")
+        raise UnreadableSummary(f"{path} {problem}: cut off or damaged; {REWRITE}") from err
+    if not isinstance(summary, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+            type(summary), "a number")
+        raise UnreadableSummary(f"{path} holds {kind}, not the JSON object a run writes; "
+                                f"{REWRITE}")
+    return summary
 
 
 def summary_if_any(workdir: str) -> dict | None:
     """The run's summary, or None when it has none yet or a crash cut it off mid-write."""
     try:
         return read_summary(workdir)
-    except ValueError:  # none yet (UsageError), or cut off (JSONDecodeError)
+    except UsageError:  # none yet, or cut off or damaged (UnreadableSummary)
         return None
 
 

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from etils import epath
 
 from deeprnn.errors import UsageError
-from deeprnn.run.summary import SUMMARY_FILE, read_summary
+from deeprnn.run.outputs import check_output_folder
+from deeprnn.run.summary import REWRITE, SUMMARY_FILE, UnreadableSummary, read_summary
 from deeprnn.run.writers import read_metrics
 
 # Flags that say where or how often, not what is trained: runs differing only in these (and
@@ -108,7 +109,9 @@ def mean_and_spread(values: list[float]) -> tuple[float, float, int] | None:
     return statistics.fmean(values), spread, len(values)
 
 
-def load_runs(sweep_dir: str) -> list[RunResult]:
+def load_runs(sweep_dir: str, left_out: list[str] | None = None) -> list[RunResult]:
+    """The runs under sweep_dir; a run whose summary.json cannot be read is left out with a
+    warning (its folder's name appended to `left_out`), unless no run can be read."""
     root = epath.Path(sweep_dir)
     if not root.exists():
         raise UsageError(f"--sweep_dir={sweep_dir} does not exist; pass the folder of a sweep")
@@ -117,20 +120,51 @@ def load_runs(sweep_dir: str) -> list[RunResult]:
     # every checkpoint object); a single run's folder works too.
     workdirs = [root] if (root / SUMMARY_FILE).exists() else []
     workdirs += [p.parent for p in sorted(root.glob(f"*/{SUMMARY_FILE}"), key=str)]
+    unreadable = []
     for workdir in workdirs:
+        try:
+            summary = read_summary(str(workdir))
+            _check_shape(summary, workdir / SUMMARY_FILE)
+        except UnreadableSummary as err:  # one damaged run does not cost the whole report
+            unreadable.append((workdir, err))
+            continue
         evaluations = []
         if (workdir / "eval").exists():
             for path in sorted(workdir.glob("eval/*.json"), key=str):
                 try:
-                    evaluations.append(json.loads(path.read_text()))
-                except json.JSONDecodeError:
-                    print(f"warning: {path} is not JSON, left out", file=sys.stderr)
-        name = workdir.name
-        runs.append(RunResult(name, read_summary(str(workdir)), read_metrics(str(workdir)),
-                              evaluations))
+                    evaluation = json.loads(path.read_text())
+                except ValueError:  # JSONDecodeError, UnicodeDecodeError
+                    evaluation = None
+                if isinstance(evaluation, dict):
+                    evaluations.append(evaluation)
+                else:
+                    print(f"warning: {path} is not a JSON object, left out", file=sys.stderr)
+        runs.append(RunResult(workdir.name, summary, read_metrics(str(workdir)), evaluations))
+    if not runs and len(unreadable) == 1:
+        raise unreadable[0][1]
+    if not runs and unreadable:
+        raise UsageError(f"no run's {SUMMARY_FILE} under {sweep_dir} can be read (" + ", ".join(
+            str(workdir / SUMMARY_FILE) for workdir, _ in unreadable) + "); run their "
+            "training commands again to rewrite them")
+    for workdir, err in unreadable:
+        print(f"warning: run {workdir.name} left out of the report: {err}", file=sys.stderr)
+        if left_out is not None:
+            left_out.append(workdir.name)
     if not runs:
         raise UsageError(f"no {SUMMARY_FILE} under {sweep_dir}; is it a sweep's folder?")
     return runs
+
+
+def _check_shape(summary: dict, path) -> None:
+    """The parts of a summary the report reads have the types a run writes."""
+    for key, kind in (("flags", dict), ("final", dict), ("last", dict), ("seeds", list)):
+        value = summary.get(key)
+        if value is not None and not isinstance(value, kind):
+            raise UnreadableSummary(f"{path}: '{key}' holds {type(value).__name__}, not what "
+                                    f"a run writes; {REWRITE}")
+    if not all(isinstance(s, dict) for s in summary.get("seeds") or []):
+        raise UnreadableSummary(f"{path}: 'seeds' holds something other than objects; "
+                                f"{REWRITE}")
 
 
 def group_by_seed(runs: list[RunResult]) -> list[Group]:
@@ -321,7 +355,13 @@ def write_report(sweep_dir: str, out_dir: str | None = None) -> str:
     matplotlib.use("Agg")  # files only: no display on servers and TPU VMs
     import matplotlib.pyplot as plt  # deferred: after choosing the Agg backend above
 
-    runs = load_runs(sweep_dir)
+    left_out: list[str] = []
+    runs = load_runs(sweep_dir, left_out)
+    if out_dir:
+        check_output_folder(out_dir, "out")
+    else:
+        check_output_folder(sweep_dir, "sweep_dir", "pass --out=FOLDER to write the report "
+                                                    "elsewhere")
     groups = group_by_seed(runs)
     out = epath.Path(out_dir or sweep_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -344,7 +384,9 @@ def write_report(sweep_dir: str, out_dir: str | None = None) -> str:
                   "on the best-validation checkpoint.")
     text = "\n\n".join([
         f"# Sweep report: {sweep_dir}",
-        f"{len(runs)} runs in {len(groups)} groups. {seeds_note}",
+        f"{len(runs)} runs in {len(groups)} groups. {seeds_note}" + (
+            f" Left out, their {SUMMARY_FILE} unreadable: {', '.join(left_out)}."
+            if left_out else ""),
         markdown_table(groups), SPREAD_NOTE,
         *[f"![{title}]({name})" for name, (title, _) in figures.items()],
     ]) + "\n"

@@ -80,7 +80,9 @@ def write_text_whole(path: epath.Path, text: str) -> None:
         path.write_text(text)  # A GCS upload creates the new object generation atomically.
         return
     tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
-    with _naming_the_file(path):  # a full disk fails in write/fsync, which name no file
+    # A full disk fails in write/fsync, which name no file, and the temporary file's name
+    # means nothing to the user: either way the error names `path`.
+    with _naming_the_file(path, instead_of=tmp):
         try:
             with open(tmp, "w", encoding="utf-8") as f:
                 f.write(text)
@@ -93,12 +95,13 @@ def write_text_whole(path: epath.Path, text: str) -> None:
 
 
 @contextlib.contextmanager
-def _naming_the_file(path) -> Iterator[None]:
-    """An OSError without a file name gets `path` as its file name."""
+def _naming_the_file(path, instead_of: str | None = None) -> Iterator[None]:
+    """An OSError without a file name, or naming `instead_of` (a temporary file the user
+    never asked for), gets `path` as its file name."""
     try:
         yield
     except OSError as err:
-        if err.filename is None:
+        if err.filename is None or (instead_of is not None and err.filename == instead_of):
             raise OSError(err.errno, err.strerror, os.fspath(path)) from err
         raise
 

@@ -124,7 +124,11 @@ def final_evaluation(workdir: str, evaluate, params, splits, writer, step: int):
         final.update(seed_record("test", test))
         per_seed = [{**(per_seed[k] if per_seed else {}),
                      **{f"test/{key}": v for key, v in d.items()}} for k, d in enumerate(test)]
+        # Which parameters the test scored: the best-validation ones, or the final step's when
+        # the run kept no best (no validation split, or no validation score was ever finite).
         final["test/checkpoint_step"] = best_step if best_step is not None else step
+        final["test/params"] = "best-validation" if best_step is not None else "final"
     if final:
-        writer.scalars(step, {k: v for k, v in final.items() if k != "test/checkpoint_step"})
+        writer.scalars(step, {k: v for k, v in final.items()
+                              if k not in ("test/checkpoint_step", "test/params")})
     return final, per_seed

@@ -29,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 from deeprnn.config import check_choice
 from deeprnn.errors import UsageError
+from deeprnn.limits import check_multihost
 from deeprnn.training import device_batches
 
 AXIS = "data"  # the device axis that the steps' collectives name
@@ -298,16 +299,20 @@ def start_multihost(multihost: bool, coordinator_address: str = "", num_processe
                     process_id: int = -1) -> None:
     """jax.distributed.initialize(), once, before any other JAX call of the run.
 
-    On Cloud TPU every argument comes from the environment; elsewhere pass all three.
+    On Cloud TPU every argument comes from the environment; elsewhere pass all three
+    (deeprnn.limits.check_multihost, which the programs also call before JAX loads).
     """
+    check_multihost(multihost, coordinator_address, num_processes, process_id)
     if not multihost or jax.distributed.is_initialized():
         return
-    explicit = (coordinator_address, num_processes > 0, process_id >= 0)
-    if any(explicit) and not all(explicit):
-        raise UsageError("--multihost outside Cloud TPU needs all of --coordinator_address, "
-                         "--num_processes and --process_id")
-    kwargs = {}
-    if all(explicit):
-        kwargs = {"coordinator_address": coordinator_address, "num_processes": num_processes,
-                  "process_id": process_id}
-    jax.distributed.initialize(**kwargs)
+    if not coordinator_address:  # the environment's: Cloud TPU, SLURM, Open MPI, ...
+        try:
+            jax.distributed.initialize()
+        except ValueError as err:  # JAX found no cluster: "coordinator_address should be ..."
+            said = " ".join(str(err).split())
+            raise UsageError("--multihost found no cluster in this environment to join (JAX "
+                             f"says: {said}); outside Cloud TPU pass --coordinator_address="
+                             "HOST:PORT --num_processes=N --process_id=I") from err
+        return
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)

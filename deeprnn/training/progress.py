@@ -76,7 +76,7 @@ def accumulate(progress: Progress, step: int, metrics: dict, nan_policy: str, st
     values = {"loss": float(losses.sum()), "grad_norm": float(np.max(metrics["grad_norm"]))}
     bad = [k for k, v in values.items() if not math.isfinite(v)]
     if bad and nan_policy != "skip":
-        raise non_finite_error(step, bad, store)
+        raise non_finite_error(step, bad, store, "stop")
     if bad:  # the update was skipped (apply_if_finite): the step logs, its loss does not count
         logging.warning("step %d: non-finite %s; update skipped", step, ", ".join(bad))
     for k, (loss, count) in enumerate(zip(losses, tokens, strict=True)):
@@ -95,7 +95,8 @@ def check_not_all_skipped(progress: Progress, step: int, store) -> None:
         if steps and skipped == steps:
             which = f" of seed {seed}" if len(progress.steps) > 1 else ""
             raise non_finite_error(step, [f"loss or gradient in every update{which} of steps "
-                                          f"{step - steps + 1}-{step} (all skipped)"], store)
+                                          f"{step - steps + 1}-{step} (all skipped)"], store,
+                                   "skip")
 
 
 def train_records(progress: Progress, calls, *, log_every: int, last_step: int, nan_policy: str,
@@ -123,13 +124,23 @@ def train_records(progress: Progress, calls, *, log_every: int, last_step: int, 
     return records
 
 
-def non_finite_error(step: int, bad: list[str], store) -> NonFiniteError:
+# The advice of a non-finite stop, by the --nan_policy in force (None: not known to the caller).
+NON_FINITE_ADVICE = {
+    "stop": "lower --lr, or pass --nan_policy=skip to skip such updates",
+    "skip": "skipping cannot help when every update fails: lower --lr (or --clip_norm) and "
+            "run again",
+    None: "lower --lr (under --nan_policy=stop, --nan_policy=skip would skip such updates)",
+}
+
+
+def non_finite_error(step: int, bad: list[str], store,
+                     nan_policy: str | None = None) -> NonFiniteError:
     store.wait()  # saves under way hold good steps: complete them before naming the last one
     last = store.latest_complete_step()
     return NonFiniteError(
         f"non-finite {', '.join(bad)} at step {step}; last good checkpoint: "
         f"{'step ' + str(last) if last is not None else 'none'} (kept; nothing newer was "
-        "saved); lower --lr, or pass --nan_policy=skip to skip such updates")
+        f"saved); {NON_FINITE_ADVICE[nan_policy]}")
 
 
 def skipped_updates(opt_state) -> int:

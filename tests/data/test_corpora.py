@@ -208,6 +208,23 @@ def test_bad_files(tmp_path):
         corpora.load_documents("time_machine", data_dir=str(tmp_path / "absent"))
 
 
+def test_a_path_cut_at_its_comma_says_that_commas_separate_documents(tmp_path):
+    """`file:/tmp/a,b.txt` read as file:/tmp/a and b.txt used to say only `cannot read
+    /tmp/a`; when /tmp/a exists, `unknown corpus 'b.txt'`."""
+    (tmp_path / "a,b.txt").write_text("the time traveller\n")
+    spec = f"file:{tmp_path}/a,b.txt"
+    message = (rf"commas separate documents, so it reads 'file:{tmp_path}/a' and 'b.txt', not "
+               rf"the file '{tmp_path}/a,b.txt'; a path with a comma cannot be given: copy or "
+               "link the file to a name without one")
+    with pytest.raises(UsageError, match=message):
+        corpora.load_documents(spec)
+    (tmp_path / "a").write_text("another text\n")
+    with pytest.raises(UsageError, match=message):
+        corpora.load_documents(spec)
+    with pytest.raises(UsageError, match=r"cannot read .*/x: No such file"):  # no such join
+        corpora.load_documents(f"file:{tmp_path}/x,time_machine")
+
+
 NAMES = ["time_machine", "war_of_the_worlds", "frankenstein", "pride_and_prejudice",
          "war_and_peace", "tiny_shakespeare"]
 

@@ -81,6 +81,19 @@ def test_corpus_problems(content, match, on_resume, finished, tmp_path):
     (["--num_layers=two"], r"flag --num_layers=two: invalid literal"),
     (["--cell=gru", "--gru_variant=d2l", "--impl=flax"], r"--impl=flax has no d2l-variant GRU"),
     (["--multihost", "--coordinator_address=127.0.0.1:1"], r"needs all of --coordinator"),
+    # Multi-host flags went to JAX unchecked (ValueError, IndexError), or were ignored.
+    (["--multihost", "--coordinator_address=nonsense", "--num_processes=2", "--process_id=1"],
+     r"--coordinator_address='nonsense' is not HOST:PORT; give process 0's host and a free"),
+    (["--multihost", "--coordinator_address=localhost:1", "--num_processes=2",
+      "--process_id=5"], r"--process_id=5 must be in \[0, 1\]"),
+    (["--num_processes=3"], r"--num_processes=3 applies only with --multihost; add"),
+    # Integers past int64 ended in OverflowError tracebacks.
+    (["--seed=99999999999999999999"], r"--seed=9+ is out of range; give a seed in \[0, "
+                                      r"4294967295\]"),
+    (["--seed=4294967295", "--num_seeds=2"], r"trains seeds up to 4294967296, above"),
+    (["--num_hiddens=99999999999999999999"], r"--num_hiddens=9+ is too large; give at most "
+                                             r"134217728"),
+    (["--sample_length=99999999999999999999"], r"--sample_length=9+ is too large"),
     (["--no_such_flag=1"], r"Unknown command line flag 'no_such_flag'"),
     (["--flagfile=/nonexistent.flags"], r"Unable to open flagfile"),
     (["--eval_batch_size=400"], r"validation split has \d+ tokens, too few for "
@@ -88,7 +101,9 @@ def test_corpus_problems(content, match, on_resume, finished, tmp_path):
     (["--num_hiddens=32", "--cell=gru"], r"--cell \(checkpoint 'lstm', now 'gru'\); "
                                          r"--num_hiddens \(checkpoint 24, now 32\); use another"),
 ], ids=["zero_layers", "negative_lr", "bad_choice", "dropout_range", "not_a_number",
-        "conflict", "multihost_partial", "unknown_flag", "missing_flagfile",
+        "conflict", "multihost_partial", "multihost_address", "multihost_process_id",
+        "num_processes_alone", "huge_seed", "seeds_past_32_bits", "huge_num_hiddens",
+        "huge_sample_length", "unknown_flag", "missing_flagfile",
         "held_out_too_short", "model_flags_differ_on_resume"])
 def test_flag_problems(extra, match, finished):
     text, workdir = finished

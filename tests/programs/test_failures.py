@@ -180,5 +180,7 @@ def test_an_unwritable_evaluate_output_is_one_line(finished, tmp_path):
     blocker.write_text("not a folder")
     done = cli("-m", "deeprnn.evaluate", f"--workdir={finished[1]}",
                f"--output={blocker}/result.json")
-    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
-    assert done.stderr.splitlines()[-1].startswith(f"error: {blocker}")
+    # Refused before the scoring, as a usage error (test_flag_forms.py has the other cases).
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr == (f"error: --output={blocker}/result.json: {blocker} is a file, not a "
+                           "folder; give a file path in a folder you can write\n")

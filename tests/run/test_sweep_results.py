@@ -1,6 +1,7 @@
 """The sweep report on fabricated runs whose means, spreads and rows are known by hand."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -143,6 +144,66 @@ def test_report_command_line_prints_the_markdown_and_rejects_a_missing_folder(
     empty.mkdir()
     with pytest.raises(UsageError, match="no summary.json"):
         report.load_runs(str(empty))
+
+
+def test_a_run_whose_summary_cannot_be_read_is_left_out_with_a_warning(tmp_path, capsys):
+    """An empty summary.json (a JSONDecodeError) or one holding a list (an AttributeError)
+    used to end the whole report in a traceback."""
+    root = tmp_path / "sweep"
+    write_run(root, "good", {"cell": "lstm", "num_layers": 1}, final(5.0),
+              evaluations=[{"corpus": "war_and_peace", "perplexity": 9.0}])
+    (root / "good" / "eval" / "frankenstein-test.json").write_text("[1]")
+    for name, content in (("empty", ""), ("a_list", "[1, 2]"), ("odd_flags", '{"flags": []}')):
+        (root / name).mkdir()
+        (root / name / "summary.json").write_text(content)
+    markdown = report.write_report(str(root))
+    assert list(table_rows(markdown)) == ["good"]
+    assert "Left out, their summary.json unreadable: a_list, empty, odd_flags." in markdown
+    warnings = capsys.readouterr().err.splitlines()
+    assert len(warnings) == 4 and all(w.startswith("warning: ") for w in warnings)
+    assert f"{root / 'good' / 'eval' / 'frankenstein-test.json'} is not a JSON object" in \
+        warnings[0]
+    assert warnings[1].startswith(f"warning: run a_list left out of the report: "
+                                  f"{root / 'a_list' / 'summary.json'} holds an array")
+    assert f"{root / 'empty' / 'summary.json'} is empty" in warnings[2]
+    assert f"{root / 'odd_flags' / 'summary.json'}: 'flags' holds list" in warnings[3]
+
+
+def test_a_report_with_no_readable_run_is_one_error_naming_the_files(tmp_path, capsys):
+    root = tmp_path / "sweep"
+    (root / "run").mkdir(parents=True)
+    (root / "run" / "summary.json").write_text("[]")
+    with pytest.raises(UsageError, match=r"run/summary.json holds an array"):
+        report.write_report(str(root))
+    (root / "other").mkdir()
+    (root / "other" / "summary.json").write_text("")
+    with pytest.raises(UsageError, match=r"no run's summary.json under .* can be read \(.*"
+                                         r"other/summary.json, .*run/summary.json\)"):
+        report.write_report(str(root))
+    assert capsys.readouterr().err == ""  # the error line alone, no warnings before it
+    assert sorted(p.name for p in root.iterdir()) == ["other", "run"]
+
+
+def test_report_output_folder_is_checked_before_anything_is_drawn(sweep_dir, tmp_path,
+                                                                  monkeypatch):
+    """--out=<a file> failed after the plots with `File exists`, naming no flag."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(UsageError, match=r"--out=.*a_file is a file, not a folder; give a "
+                                         r"folder$"):
+        report.write_report(str(sweep_dir), str(blocker))
+    with pytest.raises(UsageError, match=r"--out=.*a_file/plots: .*a_file is a file, not a "
+                                         r"folder"):
+        report.write_report(str(sweep_dir), str(blocker / "plots"))
+    # A sweep folder the user cannot write (root can, so its permission is faked here).
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: path != str(sweep_dir) and
+                        real_access(path, mode))
+    with pytest.raises(UsageError, match=r"--sweep_dir=.*: cannot write in .* \(permission "
+                                         r"denied\); pass --out=FOLDER to write the report "
+                                         r"elsewhere"):
+        report.write_report(str(sweep_dir))
+    assert not list(sweep_dir.glob("*.png")) and not (sweep_dir / "report.md").exists()
 
 
 def test_runs_without_a_held_out_split_are_reported_by_training_perplexity(tmp_path):

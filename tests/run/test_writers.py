@@ -12,13 +12,14 @@ import time
 import urllib.request
 
 import pytest
+from etils import epath
 from tensorboard.backend.event_processing import plugin_event_accumulator
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from deeprnn.errors import UsageError
 from deeprnn.run.console import ProgressLine, format_count, format_duration
-from deeprnn.run.summary import read_summary, write_summary
-from deeprnn.run.writers import RunWriter, read_metrics
+from deeprnn.run.summary import UnreadableSummary, read_summary, summary_if_any, write_summary
+from deeprnn.run.writers import RunWriter, read_metrics, write_text_whole
 
 SAMPLE_TAG = "samples/time traveller"
 
@@ -167,6 +168,32 @@ def test_missing_or_corrupt_files_are_clear_errors(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "trai\n{"step": 3}\n')
     with pytest.raises(UsageError, match="metrics.jsonl line 2 of 3 is not JSON"):
         read_metrics(str(tmp_path))
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"", r"summary.json is empty: cut off or damaged; run the run's training command"),
+    (b'{"steps_done": 4', r"summary.json is not JSON \(Expecting"),
+    (b"\xff\xfe", r"summary.json is not UTF-8 text"),
+    (b"[1, 2]", r"summary.json holds an array, not the JSON object a run writes"),
+], ids=["empty", "cut_off", "binary", "a_list"])
+def test_a_summary_that_is_not_a_json_object_is_unreadable(content, match, tmp_path):
+    """A list used to pass (and crash the report with an AttributeError), the rest raised
+    JSONDecodeError or UnicodeDecodeError."""
+    (tmp_path / "summary.json").write_bytes(content)
+    with pytest.raises(UnreadableSummary, match=match) as info:
+        read_summary(str(tmp_path))
+    assert "\n" not in str(info.value)
+    assert summary_if_any(str(tmp_path)) is None  # what the launcher and a resume see
+
+
+def test_a_failed_whole_write_names_the_file_not_its_temporary(tmp_path):
+    """`evaluate --output=FOLDER` said `FOLDER.tmp-123: Is a directory`."""
+    folder = tmp_path / "result.json"
+    folder.mkdir()
+    with pytest.raises(IsADirectoryError) as info:
+        write_text_whole(epath.Path(folder), "{}")
+    assert info.value.filename == str(folder)
+    assert os.listdir(tmp_path) == ["result.json"]  # and no temporary file is left
 
 
 def test_gcs_workdir_through_epath(tmp_path, fake_gcs):

@@ -123,3 +123,22 @@ def test_the_host_sends_window_numbers_not_windows(model, params, monkeypatch):
     assert [c[:2] for c in calls] == [((2, 5), (2,))] * 13
     assert [w for c in calls for w in c[2]] == list(range(13 * 16))  # 200 used, 8 padded
     assert got["tokens"] == length - batch_size
+
+
+def test_without_a_best_checkpoint_the_final_line_names_the_final_step(tmp_path):
+    """--split=0.9,0,0.1 keeps no best: the test scores the final step's parameters, and the
+    last console line used to call them the best-validation step's."""
+    from types import SimpleNamespace
+
+    from deeprnn.run.console import final_line
+
+    splits = SimpleNamespace(validation=np.zeros(0, np.int32), test=token_ids(40, 0))
+    logged = {}
+    writer = SimpleNamespace(scalars=lambda step, values: logged.update(values))
+    final, _ = evaluation.final_evaluation(
+        str(tmp_path), lambda params, ids: [{"perplexity": 5.0, "bits_per_char": 2.32}],
+        {"w": np.zeros(2, np.float32)}, splits, writer, 7)
+    assert final["test/params"] == "final" and "test/params" not in logged
+    cpu = SimpleNamespace(platform="cpu", id=0, device_kind="cpu")
+    assert "test perplexity 5.00, 2.320 bits/char (final step 7)" in final_line(final, 6.0, 1.0,
+                                                                                cpu)
