@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from absl import flags
 
-from deeprnn.errors import HELP_ARGS, UsageError, parse_argv
+from deeprnn.errors import UsageError, help_form, parse_argv
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 SWEEPS_DIR = REPO_ROOT / "experiments" / "sweeps"
@@ -222,7 +222,7 @@ def parse_launcher_args(define_flags, argv: Sequence[str], program: str, usage: 
     then train flags after a bare `--`, which join --extra_flags. --sweep is required. --help
     prints `usage` (parse_argv's own usage line names no positional argument) and the flags."""
     own, passthrough = split_passthrough(argv)
-    if any(arg in HELP_ARGS for arg in own):
+    if help_form(own):  # any of absl's spellings of help
         values = flags.FlagValues()
         define_flags(values)
         print(f"usage: {usage}\n\n{values.get_help()}")
