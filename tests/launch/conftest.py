@@ -9,17 +9,13 @@ import sys
 
 import pytest
 
+from tests.conftest import TINY_SWEEP
+
 HERE = pathlib.Path(__file__).resolve().parent
 # The TPU workers get the repository, so the TPU launcher takes only a flagfile in it (the
 # tiny_sweep of tests/conftest.py has one in a temporary folder): the runs of tiny_sweep.
 TPU_FLAGFILE = "experiments/time_machine_lstm.flags"
-TPU_SWEEP = f"""
-BASE_FLAGFILE = {TPU_FLAGFILE!r}
-
-def runs():
-    yield "small", {{"cell": "gru", "num_layers": 1}}
-    yield "deep", {{"cell": "lstm", "num_layers": 3}}, {{"eval_corpora": ["war_and_peace"]}}
-"""
+TPU_SWEEP = TINY_SWEEP.format(flagfile=TPU_FLAGFILE)
 
 
 @pytest.fixture
