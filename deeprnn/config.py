@@ -79,7 +79,12 @@ REMOTE_SCHEMES = {"gs": "gcsfs"}  # scheme -> the package etils.epath reaches it
 
 def check_reachable(path: str, flag: str) -> None:
     """A local path, or gs:// with gcsfs installed; anything else is one usage error (etils
-    would raise a KeyError for an unknown scheme, an ImportError without gcsfs)."""
+    would raise a KeyError for an unknown scheme, an ImportError without gcsfs). A leading ~
+    is refused: the shell leaves it as it is after `=`, so the run would go to a folder named
+    ~ in the current one."""
+    if os.fspath(path).startswith("~"):
+        raise UsageError(f"--{flag}={path}: the shell does not expand ~ after '='; write "
+                         f"--{flag}={os.path.expanduser(os.fspath(path))} (or --{flag} {path})")
     if "://" not in os.fspath(path):
         return
     scheme = os.fspath(path).split("://", 1)[0]

@@ -118,6 +118,9 @@ def test_help_exits_0(flag):
     ("s3://bucket/run", r"--workdir=s3://bucket/run: s3:// is not supported; use a local "
                         r"folder or gs://BUCKET/PATH"),
     ("gs://bucket/run", r"needs gcsfs to reach Cloud Storage: pip install -e '\.\[gcs\]'"),
+    # It went to a folder named ~ in the current one: the shell expands no ~ after '='.
+    ("~/runs/x", r"--workdir=~/runs/x: the shell does not expand ~ after '='; write "
+                 r"--workdir=/.*/runs/x \(or --workdir ~/runs/x\)"),
 ])
 def test_a_workdir_the_program_cannot_reach_is_one_line(workdir, message, monkeypatch):
     real = importlib.util.find_spec
