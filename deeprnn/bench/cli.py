@@ -41,6 +41,7 @@ from deeprnn.bench.rows import (
 from deeprnn.config import CHOICES
 from deeprnn.errors import EXIT_IO, UsageError, parse_argv
 from deeprnn.model.build import init_params
+from deeprnn.run.outputs import check_output_file, check_output_folder
 from deeprnn.run.process import enable_compilation_cache, keep_freed_host_memory
 
 PROGRAM = "deeprnn.bench"
@@ -164,20 +165,9 @@ def check_outputs(json_path: str | None, profile_dir: str | None) -> None:
     """Before anything is timed: a --json or --profile the run could not write to would
     otherwise fail after the first row (or, with --e2e, after three whole trainings)."""
     if json_path:
-        folder = os.path.dirname(os.path.abspath(json_path))
-        if os.path.isdir(json_path):
-            raise UsageError(f"--json={json_path} is a folder; give a file path")
-        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-            raise UsageError(f"--json={json_path}: cannot write in {folder}; give a file in an "
-                             f"existing, writable folder")
+        check_output_file(json_path, "json")
     if profile_dir:
-        try:
-            os.makedirs(profile_dir, exist_ok=True)
-        except OSError as err:
-            raise UsageError(f"--profile={profile_dir}: cannot make the folder "
-                             f"({err.strerror or err}); give a writable folder") from err
-        if not os.access(profile_dir, os.W_OK):
-            raise UsageError(f"--profile={profile_dir} is not writable; give a writable folder")
+        check_output_folder(profile_dir, "profile")
 
 
 def _finite_or_none(value):
@@ -197,6 +187,7 @@ def _write_json(path, rows) -> None:
     file and renamed, so a run killed mid-write leaves the previous file whole. An empty list
     is never written: it would replace an earlier run's rows with nothing."""
     if path and rows:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # as evaluate does
         partial = f"{path}.partial"
         with open(partial, "w") as f:
             json.dump(_finite_or_none(rows), f, indent=1, allow_nan=False)

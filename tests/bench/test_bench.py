@@ -263,8 +263,8 @@ def test_outputs_and_counts_are_checked_before_anything_is_timed(tmp_path):
     a_file.write_text("x")
     refused = {
         f"--json={tmp_path}": "is a folder",
-        f"--json={tmp_path / 'missing' / 'out.json'}": "cannot write in",
-        f"--profile={a_file / 'prof'}": "cannot make the folder",
+        f"--json={a_file / 'out.json'}": "is a file, not a folder",
+        f"--profile={a_file / 'prof'}": "is a file, not a folder",
         "--e2e_epochs=0": "--e2e_epochs must be at least 1",
         "--torch_threads=-1": "--torch_threads must be 0",
         "--impls=": "--configs and --impls must each name at least one",
