@@ -6,8 +6,10 @@ every benchmark config). The general recurrence in fused.py serves every cell th
 write down, and writing it lets the step do less:
 
 - the forward keeps the gate activations a = (i, f, g, o) and the cell state c of every step, so
-  the backward evaluates no sigmoid and only one tanh (of c) per step, where jax.vjp re-runs the
-  cell (five transcendentals) and then differentiates it;
+  the backward evaluates no sigmoid and one tanh (of c), where jax.vjp re-runs the cell (five
+  transcendentals) and then differentiates it;
+- what of the derivative does not depend on the gradients carried from step to step is formed
+  for all steps at once before the backward scan, whose step keeps only the chain (`bwd`);
 - the gate-gradient of every step, dz, is both the gradient of the layer's input projection and
   the operand of the weight gradient: one [T, B, 4H] buffer, where the general path writes two
   identical ones (the input part and the recurrent part of the pre-activation);
@@ -123,23 +125,31 @@ def make_lstm_layer(compute_dtype: str, unroll: int):
         dys, (dc_last, dh_last) = cotangents
         _, _, u, v = _gate_constants(w_h.shape[0], jnp.float32)
         c_prev = jnp.concatenate([c0[None], cs[:-1]])
+        # Every factor that does not depend on the carried gradients, for all steps at once
+        # (large fusions XLA vectorises well), so that the scan's step is only the chain:
+        #   dc_t = dc_{t+1} f_{t+1} + dh_t p_t,  p = o (1 - tanh(c)^2)
+        #   dz_t = [dc_t, dc_t, dc_t, dh_t] * m_t,  m = [g, c_prev, i, tanh(c)] * a'(z)
+        # where a'(z) = u + a (v - a) is each gate's derivative. Against the same products
+        # formed inside the step: d2l shape, 2-core CPU, ms/step 21.3 -> 20.3 (float32) and
+        # 16.3 -> 14.8 (bfloat16), same-run A/B, 30 Nov 2026.
+        i, f, g, o = jnp.split(gates, 4, axis=-1)
+        tanh_c = jnp.tanh(cs)
+        p = o * (1.0 - tanh_c * tanh_c)
+        m = jnp.concatenate([g, c_prev, i, tanh_c], axis=-1) * (u + gates * (v - gates))
         # XLA:CPU would fold a transpose into every step's dot, and the transposed-operand dot
         # is slower (d2l shape: 206 -> 160 us a step); the barrier keeps one transposed copy.
         w_h_t = jax.lax.optimization_barrier(w_h.T)
 
         def back_step(carry, inputs):
             dc, dh = carry
-            a, c, c_before, dy = inputs
+            m_t, p_t, f_t, dy = inputs
             dh = dh + dy
-            i, f, g, o = jnp.split(a, 4, axis=-1)
-            tanh_c = jnp.tanh(c)
-            dc = dc + dh * o * (1.0 - tanh_c * tanh_c)
-            da = jnp.concatenate([dc * g, dc * c_before, dc * i, dh * tanh_c], axis=-1)
-            dz = da * (u + a * (v - a))
-            return (dc * f, mm("bg,gh->bh", dz, w_h_t, dtype)), dz
+            dc = dc + dh * p_t
+            dz = jnp.concatenate([dc, dc, dc, dh], axis=-1) * m_t
+            return (dc * f_t, mm("bg,gh->bh", dz, w_h_t, dtype)), dz
 
-        (dc0, dh0), dzs = jax.lax.scan(back_step, (dc_last, dh_last),
-                                       (gates, cs, c_prev, dys), reverse=True, unroll=unroll)
+        (dc0, dh0), dzs = jax.lax.scan(back_step, (dc_last, dh_last), (m, p, f, dys),
+                                       reverse=True, unroll=unroll)
         h_prev = jnp.concatenate([h0[None], ys[:-1]])
         dw_h = mm("tbh,tbg->hg", h_prev, dzs, dtype)
         return dzs, dw_h, dc0, dh0
