@@ -178,8 +178,9 @@ def prepare_jax(impl: str, shape: Shape, base_params, stream, starts, args, *,
 
 def prepare_row(impl: str, shape: Shape, base_params, stream, starts, args, variant=None):
     if impl == "matmul-floor":
-        return floor.prepare_floor(shape, args.dtype, args.steps,
-                                   default_unroll("layerwise", args.dtype), device_name())
+        # The fused rows' unroll (the same number of steps per loop trip), for a like floor.
+        unroll = default_unroll("layerwise", args.dtype, shape.steps)
+        return floor.prepare_floor(shape, args.dtype, args.steps, unroll, device_name())
     if impl.startswith("torch"):
         from deeprnn.bench import torch_peers  # deferred: torch is optional (the [bench] extra)
 

@@ -46,22 +46,39 @@ LAYER_SCHEDULES = ("auto", "wavefront", "layerwise")
 # (unroll 2) / 2.18 (unroll 1); 4 layers wavefront 2.81-3.00 vs layerwise-unroll-8 3.31.
 # Measured at the d2l shape only: large, compute-bound shapes may prefer layerwise.
 WAVEFRONT_MIN_LAYERS = 4
-# Scan unroll by (backend, schedule). CPU (d2l shape, 2 cores, deeprnn.bench with
-# --fused_variants, ms/step): layerwise unroll 2 41.1-43.5, 1 43.9-45.4, 4 45.4, 5 46.4,
-# 7 54.2; the wavefront (unroll 1) 47.9. GPU (H200, d2l shape): layerwise unroll 8 1.66 ms,
-# 4 1.75, 1 2.47; the wavefront was timed at unroll 1 at 4 layers (where it wins) and at 1 and
-# 2 at 2 layers (2 was faster).
+# Scan unroll by (backend, schedule). GPU (H200, d2l shape): layerwise unroll 8 1.66 ms, 4 1.75,
+# 1 2.47; the wavefront was timed at unroll 1 at 4 layers (where it wins) and at 1 and 2 at 2
+# layers (2 was faster). The CPU's layerwise float32 entry is a fallback: see
+# CPU_FLOAT32_MAX_UNROLL.
 DEFAULT_UNROLL = {("cpu", "layerwise"): 2, ("cpu", "wavefront"): 1,
                   ("gpu", "layerwise"): 8, ("gpu", "wavefront"): 1}
 # bfloat16 on the CPU: unroll 1 (the layerwise step and the matmul floor alike). Same-run A/B
 # of layerwise:1 against unroll 2 (bench --fused_variants=layerwise:1, 2-core AMD EPYC with
 # avx512_bf16, November 2026, commit 51cbbbe): fused 0.97 / 0.95 with the machine quiet, 0.80-0.88
-# under load 2-4; the floor 0.94 quiet. In float32 unroll 2 stays: 1.01-1.13 quiet.
+# under load 2-4; the floor 0.94 quiet. Unroll 5 or 7 at T = 35 gained nothing (15.4-15.5 ms
+# against 15.7 at unroll 1, 30 Nov 2026, commit 3ef2c38).
 DTYPE_UNROLL = {("cpu", "layerwise", "bfloat16"): 1}
+# float32 on the CPU, layerwise: the largest unroll up to 8 that divides the number of steps.
+# jax.lax.scan runs the steps an unroll leaves over after the loop, which slices every scanned
+# input apart and concatenates every stacked output back: [T, B, 4H] copies that cost more than
+# the unroll saves. ms/step of the fused LSTM step over the matmul floor's (unroll 2) in one
+# run, d2l shape (H 256, L 2, B 32), 2-core CPU, 30 Nov 2026, commit 3ef2c38: T = 35, unroll
+# 1 / 2 / 5 / 7 / 8: 1.29 / 1.15-1.18 / 1.06-1.07 / 1.02-1.11 / 1.19; T = 48, unroll
+# 2 / 4 / 6 / 8: 0.98 / 0.97 / 0.96 / 0.93; T = 37 (prime), unroll 1 / 2 / 4 / 8: 1.35 / 1.22 /
+# 1.20 / 1.20. The GRU and the vanilla RNN at T = 35 likewise (over the floor: GRU unroll
+# 1 / 2 / 5 / 7: 1.64 / 1.74 / 1.43 / 1.48; RNN 0.99 / 1.23 / 1.01 / 1.03). With no such
+# divisor (a prime T) the fallback in DEFAULT_UNROLL applies.
+CPU_FLOAT32_MAX_UNROLL = 8
 
 
-def default_unroll(schedule: str, dtype: str = "float32") -> int:
+def default_unroll(schedule: str, dtype: str = "float32", num_steps: int | None = None) -> int:
+    """The scan unroll for this backend, schedule and compute dtype; on a CPU in float32, one
+    that divides num_steps where there is one (CPU_FLOAT32_MAX_UNROLL)."""
     backend = "cpu" if jax.default_backend() == "cpu" else "gpu"
+    if (backend, schedule, dtype) == ("cpu", "layerwise", "float32") and num_steps:
+        divisors = [d for d in range(2, CPU_FLOAT32_MAX_UNROLL + 1) if num_steps % d == 0]
+        if divisors:
+            return divisors[-1]
     return DTYPE_UNROLL.get((backend, schedule, dtype), DEFAULT_UNROLL[(backend, schedule)])
 
 
@@ -201,7 +218,8 @@ class FusedDeepRNN(nn.Module):
 
     schedule: "auto" picks by depth and features (WAVEFRONT_MIN_LAYERS; dropout, residual and
     layer norm need the layerwise schedule), or force "wavefront" / "layerwise".
-    unroll: scan unroll; None takes default_unroll for the backend, schedule and dtype.
+    unroll: scan unroll; None takes default_unroll for the backend, schedule, dtype and
+      number of steps.
     """
 
     config: ModelConfig
@@ -260,7 +278,7 @@ class FusedDeepRNN(nn.Module):
             logits = stack.OutputLayer(cfg.vocab_size, cfg.dtype, name="output")(top)
             return (logits.transpose(1, 0, 2) if time_major else logits), tuple(finals)
         schedule = self.chosen_schedule()
-        unroll = self.unroll or default_unroll(schedule, cfg.compute_dtype)
+        unroll = self.unroll or default_unroll(schedule, cfg.compute_dtype, num_steps)
         recurrence = make_recurrence(cfg.cell, cfg.activation, cfg.gru_variant, cfg.compute_dtype,
                                      num_steps, unroll, self.hand_vjp)
         dtype = cfg.dtype

@@ -15,7 +15,7 @@ import pytest
 from deeprnn.data.samplers import make_sampler
 from deeprnn.model.build import build_model, init_params
 from deeprnn.model.config import ModelConfig
-from deeprnn.model.fused import FusedDeepRNN
+from deeprnn.model.fused import FusedDeepRNN, default_unroll
 from deeprnn.model.stack import init_carry
 from deeprnn.training.device_batches import make_resident_multi_step, sampler_starts
 from deeprnn.training.optimizer import make_optimizer
@@ -34,10 +34,11 @@ def full_precision():
 
 # Every cell at depth 3, and depths 1, 2, 5 spread over the cells (each case compiles three
 # models, so the full product would be slow on a 2-core CI machine). unroll 4 over T = 6 also
-# checks a scan whose length is not a multiple of the unroll.
+# checks a scan whose length is not a multiple of the unroll; None, the default (on a CPU in
+# float32, 6: the whole sequence in one loop trip).
 CASES = [(*cell, 3, 1) for cell in CELLS] + [
     ("lstm", "tanh", "cudnn", 1, 4), ("gru", "tanh", "cudnn", 2, 4),
-    ("lstm", "tanh", "cudnn", 5, 1)]
+    ("lstm", "tanh", "cudnn", 5, 1), ("lstm", "tanh", "cudnn", 2, None)]
 
 
 @pytest.mark.parametrize("cell,activation,variant,layers,unroll", CASES)
@@ -57,6 +58,18 @@ def test_fused_equals_scratch(cell, activation, variant, layers, unroll):
     fused = build_model(dataclasses.replace(config, impl="fused"))
     assert isinstance(fused, FusedDeepRNN)
     assert_close(fused.init(jax.random.PRNGKey(0), tokens), params, atol=0)
+
+
+def test_default_unroll_divides_the_steps_on_a_cpu_in_float32(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    # The largest divisor of T up to 8, so that no steps are left over after the loop ...
+    assert [default_unroll("layerwise", "float32", t) for t in (35, 48, 64, 6, 9, 10)] == [
+        7, 8, 8, 6, 3, 5]
+    # ... the fallback where T has none (a prime above 8, or T unknown) ...
+    assert [default_unroll("layerwise", "float32", t) for t in (37, 1, None)] == [2, 2, 2]
+    # ... and bfloat16 and the wavefront keep their unroll of 1.
+    assert default_unroll("layerwise", "bfloat16", 35) == 1
+    assert default_unroll("wavefront", "float32", 35) == 1
 
 
 def test_default_carry_and_carry_format():
