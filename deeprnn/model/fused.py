@@ -66,8 +66,11 @@ DTYPE_UNROLL = {("cpu", "layerwise", "bfloat16"): 1}
 # 1 / 2 / 5 / 7 / 8: 1.29 / 1.15-1.18 / 1.06-1.07 / 1.02-1.11 / 1.19; T = 48, unroll
 # 2 / 4 / 6 / 8: 0.98 / 0.97 / 0.96 / 0.93; T = 37 (prime), unroll 1 / 2 / 4 / 8: 1.35 / 1.22 /
 # 1.20 / 1.20. The GRU and the vanilla RNN at T = 35 likewise (over the floor: GRU unroll
-# 1 / 2 / 5 / 7: 1.64 / 1.74 / 1.43 / 1.48; RNN 0.99 / 1.23 / 1.01 / 1.03). With no such
-# divisor (a prime T) the fallback in DEFAULT_UNROLL applies.
+# 1 / 2 / 5 / 7: 1.64 / 1.74 / 1.43 / 1.48; RNN 0.99 / 1.23 / 1.01 / 1.03). deeprnn.bench
+# --fused_variants at T = 35, two runs: unroll 7 18.7 / 20.0 ms, 5 19.5 / 20.9, 2 20.7 / 22.1.
+# The mid config (H 512, L 3, B 128, T 64), where matmuls dominate, is the exception seen:
+# unroll 8 790.9 ms against 778.7 at 2 (1.5% slower, one run). With no divisor up to 8 (a
+# prime T) the fallback in DEFAULT_UNROLL applies.
 CPU_FLOAT32_MAX_UNROLL = 8
 
 
