@@ -48,38 +48,37 @@ LAYER_SCHEDULES = ("auto", "wavefront", "layerwise")
 WAVEFRONT_MIN_LAYERS = 4
 # Scan unroll by (backend, schedule). GPU (H200, d2l shape): layerwise unroll 8 1.66 ms, 4 1.75,
 # 1 2.47; the wavefront was timed at unroll 1 at 4 layers (where it wins) and at 1 and 2 at 2
-# layers (2 was faster). The CPU's layerwise float32 entry is a fallback: see
-# CPU_FLOAT32_MAX_UNROLL.
+# layers (2 was faster). The CPU's layerwise entries are fallbacks: see CPU_MAX_UNROLL.
 DEFAULT_UNROLL = {("cpu", "layerwise"): 2, ("cpu", "wavefront"): 1,
                   ("gpu", "layerwise"): 8, ("gpu", "wavefront"): 1}
-# bfloat16 on the CPU: unroll 1 (the layerwise step and the matmul floor alike). Same-run A/B
+# bfloat16 on the CPU: unroll 1 where no divisor applies (see CPU_MAX_UNROLL). Same-run A/B
 # of layerwise:1 against unroll 2 (bench --fused_variants=layerwise:1, 2-core AMD EPYC with
 # avx512_bf16, November 2026, commit 51cbbbe): fused 0.97 / 0.95 with the machine quiet, 0.80-0.88
-# under load 2-4; the floor 0.94 quiet. Unroll 5 or 7 at T = 35 gained nothing (15.4-15.5 ms
-# against 15.7 at unroll 1, 30 Nov 2026, commit 3ef2c38).
+# under load 2-4; the floor 0.94 quiet.
 DTYPE_UNROLL = {("cpu", "layerwise", "bfloat16"): 1}
-# float32 on the CPU, layerwise: the largest unroll up to 8 that divides the number of steps.
-# jax.lax.scan runs the steps an unroll leaves over after the loop, which slices every scanned
-# input apart and concatenates every stacked output back: [T, B, 4H] copies that cost more than
-# the unroll saves. ms/step of the fused LSTM step over the matmul floor's (unroll 2) in one
-# run, d2l shape (H 256, L 2, B 32), 2-core CPU, 30 Nov 2026, commit 3ef2c38: T = 35, unroll
-# 1 / 2 / 5 / 7 / 8: 1.29 / 1.15-1.18 / 1.06-1.07 / 1.02-1.11 / 1.19; T = 48, unroll
+# The CPU's layerwise schedule, both dtypes: the largest unroll up to 8 that divides the number
+# of steps. jax.lax.scan runs the steps an unroll leaves over after the loop, which slices every
+# scanned input apart and concatenates every stacked output back: [T, B, 4H] copies that cost
+# more than the unroll saves. 2-core CPU, d2l shape (H 256, L 2, B 32), 30 Nov 2026, commit
+# 3ef2c38. float32, the fused LSTM step over the matmul floor's (unroll 2) in one run: T = 35,
+# unroll 1 / 2 / 5 / 7 / 8: 1.29 / 1.15-1.18 / 1.06-1.07 / 1.02-1.11 / 1.19; T = 48, unroll
 # 2 / 4 / 6 / 8: 0.98 / 0.97 / 0.96 / 0.93; T = 37 (prime), unroll 1 / 2 / 4 / 8: 1.35 / 1.22 /
-# 1.20 / 1.20. The GRU and the vanilla RNN at T = 35 likewise (over the floor: GRU unroll
-# 1 / 2 / 5 / 7: 1.64 / 1.74 / 1.43 / 1.48; RNN 0.99 / 1.23 / 1.01 / 1.03). deeprnn.bench
+# 1.20 / 1.20; the GRU and the vanilla RNN at T = 35 likewise (over the floor: GRU unroll
+# 1 / 2 / 5 / 7: 1.64 / 1.74 / 1.43 / 1.48; RNN 0.99 / 1.23 / 1.01 / 1.03); deeprnn.bench
 # --fused_variants at T = 35, two runs: unroll 7 18.7 / 20.0 ms, 5 19.5 / 20.9, 2 20.7 / 22.1.
-# The mid config (H 512, L 3, B 128, T 64), where matmuls dominate, is the exception seen:
-# unroll 8 790.9 ms against 778.7 at 2 (1.5% slower, one run). With no divisor up to 8 (a
-# prime T) the fallback in DEFAULT_UNROLL applies.
-CPU_FLOAT32_MAX_UNROLL = 8
+# bfloat16 at T = 35, three runs: unroll 7 0.96x the time of unroll 1 each time (15.2-15.9 ms);
+# the floor 1.00-1.02x. The mid config (H 512, L 3, B 128, T 64, float32), where matmuls
+# dominate, is the exception seen: unroll 8 790.9 ms against 778.7 at 2 (1.5% slower, one
+# run). With no divisor up to 8 (a prime T) the entries above apply.
+CPU_MAX_UNROLL = 8
 
 
 def default_unroll(schedule: str, dtype: str = "float32", num_steps: int | None = None) -> int:
-    """The scan unroll for this backend, schedule and compute dtype; on a CPU in float32, one
-    that divides num_steps where there is one (CPU_FLOAT32_MAX_UNROLL)."""
+    """The scan unroll for this backend, schedule and compute dtype; on a CPU (layerwise), one
+    that divides num_steps where there is one (CPU_MAX_UNROLL)."""
     backend = "cpu" if jax.default_backend() == "cpu" else "gpu"
-    if (backend, schedule, dtype) == ("cpu", "layerwise", "float32") and num_steps:
-        divisors = [d for d in range(2, CPU_FLOAT32_MAX_UNROLL + 1) if num_steps % d == 0]
+    if (backend, schedule) == ("cpu", "layerwise") and num_steps:
+        divisors = [d for d in range(2, CPU_MAX_UNROLL + 1) if num_steps % d == 0]
         if divisors:
             return divisors[-1]
     return DTYPE_UNROLL.get((backend, schedule, dtype), DEFAULT_UNROLL[(backend, schedule)])

@@ -34,8 +34,8 @@ def full_precision():
 
 # Every cell at depth 3, and depths 1, 2, 5 spread over the cells (each case compiles three
 # models, so the full product would be slow on a 2-core CI machine). unroll 4 over T = 6 also
-# checks a scan whose length is not a multiple of the unroll; None, the default (on a CPU in
-# float32, 6: the whole sequence in one loop trip).
+# checks a scan whose length is not a multiple of the unroll; None, the default (on a CPU, 6:
+# the whole sequence in one loop trip).
 CASES = [(*cell, 3, 1) for cell in CELLS] + [
     ("lstm", "tanh", "cudnn", 1, 4), ("gru", "tanh", "cudnn", 2, 4),
     ("lstm", "tanh", "cudnn", 5, 1), ("lstm", "tanh", "cudnn", 2, None)]
@@ -60,15 +60,16 @@ def test_fused_equals_scratch(cell, activation, variant, layers, unroll):
     assert_close(fused.init(jax.random.PRNGKey(0), tokens), params, atol=0)
 
 
-def test_default_unroll_divides_the_steps_on_a_cpu_in_float32(monkeypatch):
+def test_default_unroll_divides_the_steps_on_a_cpu(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     # The largest divisor of T up to 8, so that no steps are left over after the loop ...
-    assert [default_unroll("layerwise", "float32", t) for t in (35, 48, 64, 6, 9, 10)] == [
-        7, 8, 8, 6, 3, 5]
-    # ... the fallback where T has none (a prime above 8, or T unknown) ...
+    for dtype in ("float32", "bfloat16"):
+        assert [default_unroll("layerwise", dtype, t) for t in (35, 48, 64, 6, 9, 10)] == [
+            7, 8, 8, 6, 3, 5]
+    # ... each dtype's fallback where T has none (a prime above 8, or T unknown) ...
     assert [default_unroll("layerwise", "float32", t) for t in (37, 1, None)] == [2, 2, 2]
-    # ... and bfloat16 and the wavefront keep their unroll of 1.
-    assert default_unroll("layerwise", "bfloat16", 35) == 1
+    assert [default_unroll("layerwise", "bfloat16", t) for t in (37, 1, None)] == [1, 1, 1]
+    # ... and the wavefront keeps its unroll of 1.
     assert default_unroll("wavefront", "float32", 35) == 1
 
 
