@@ -31,8 +31,8 @@ def define_flags() -> None:
                       " lines glued (d2l 0.17); raw: every character.")
     flags.DEFINE_string("split", "0.9,0.05,0.05", "Train,validation,test fractions of each"
                         " document (contiguous parts); 1,0,0 for no held-out split.")
-    flags.DEFINE_integer("max_tokens", None, "Keep only the first N preprocessed characters"
-                         " (d2l 0.17 trains on 10000).")
+    flags.DEFINE_integer("max_tokens", 0, "Keep only the first N preprocessed characters"
+                         " (d2l 0.17 trains on 10000); 0: all, as in deeprnn.train.")
 
 
 def main(argv) -> None:
@@ -40,7 +40,7 @@ def main(argv) -> None:
     with exit_on_usage_error():
         documents = sources.load_documents(FLAGS.corpus, FLAGS.data_dir, FLAGS.tfds_data_dir)
         splits = vocab.build_splits(documents, FLAGS.preprocess, parse_split(FLAGS.split),
-                                    FLAGS.max_tokens)
+                                    FLAGS.max_tokens or None)
     print(json.dumps(sources.describe(FLAGS.corpus, splits, documents, FLAGS.preprocess),
                      ensure_ascii=False))
 

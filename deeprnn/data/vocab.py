@@ -251,7 +251,7 @@ def build_splits(documents, preprocess_rule: str = "d2l",
     if preprocess_rule not in PREPROCESS_RULES:
         preprocess(" ", preprocess_rule)  # raises the UsageError naming the rules
     if max_tokens is not None and max_tokens < 1:
-        raise UsageError(f"--max_tokens={max_tokens} must be positive (or unset for all)")
+        raise UsageError(f"--max_tokens={max_tokens} must be positive (or 0 for all)")
     if not documents:
         raise UsageError("no documents given; pass a corpus spec such as --corpus=time_machine")
     for doc in documents:

@@ -247,7 +247,7 @@ def test_every_mirrored_text_loads_by_name():
 def test_corpora_command_line():
     result = subprocess.run(
         [sys.executable, "-m", "deeprnn.corpora", "--corpus=time_machine",
-         f"--data_dir={SHARED_CORPORA}", "--preprocess=d2l"],
+         f"--data_dir={SHARED_CORPORA}", "--preprocess=d2l", "--max_tokens=0"],  # 0: all
         capture_output=True, text=True, timeout=120, check=True)
     summary = json.loads(result.stdout)
     assert summary["characters"] == 173_428 and summary["vocab_size"] == 28
