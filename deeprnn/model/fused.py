@@ -67,9 +67,10 @@ DTYPE_UNROLL = {("cpu", "layerwise", "bfloat16"): 1}
 # 1 / 2 / 5 / 7: 1.64 / 1.74 / 1.43 / 1.48; RNN 0.99 / 1.23 / 1.01 / 1.03); deeprnn.bench
 # --fused_variants at T = 35, two runs: unroll 7 18.7 / 20.0 ms, 5 19.5 / 20.9, 2 20.7 / 22.1.
 # bfloat16 at T = 35, three runs: unroll 7 0.96x the time of unroll 1 each time (15.2-15.9 ms);
-# the floor 1.00-1.02x. The mid config (H 512, L 3, B 128, T 64, float32), where matmuls
-# dominate, is the exception seen: unroll 8 790.9 ms against 778.7 at 2 (1.5% slower, one
-# run). With no divisor up to 8 (a prime T) the entries above apply.
+# the floor 1.00-1.02x; the GRU 0.88x (one run). The exceptions seen: the vanilla RNN in
+# bfloat16, unroll 7 1.02-1.03x the time of unroll 1 (three runs, 5.0-9.7 ms), and the mid
+# config (H 512, L 3, B 128, T 64, float32), where matmuls dominate: unroll 8 790.9 ms against
+# 778.7 at 2 (one run). With no divisor up to 8 (a prime T) the entries above apply.
 CPU_MAX_UNROLL = 8
 
 
