@@ -298,10 +298,12 @@ class FusedDeepRNN(nn.Module):
             return None
 
         # Layer 0 reads a one-hot token: its input projection is a row gather, all steps at once.
-        # The cast rounds the rows as a bfloat16 matmul would (as the scratch cells do).
-        x0 = layers[0]["W_x"][tokens.T].astype(dtype).astype(jnp.float32) + layers[0]["b"]
+        # The cast rounds W_x as a bfloat16 matmul would (as the scratch cells do), before the
+        # gather: the rows are the same, and the gradient is rounded once, after the
+        # scatter-add (as the scratch model's is), not in a round trip over [T, B, 4H].
+        x0 = layers[0]["W_x"].astype(dtype).astype(jnp.float32)[tokens.T]
         if schedule == "wavefront":
-            xs = jnp.pad(x0, ((0, num_layers - 1), (0, 0), (0, 0)))
+            xs = jnp.pad(x0 + layers[0]["b"], ((0, num_layers - 1), (0, 0), (0, 0)))
             stacked = tuple(jnp.stack(parts) for parts in zip(*states, strict=True))
             ys, final = recurrence(
                 xs, jnp.stack([p["W_h"] for p in layers]),
@@ -322,13 +324,14 @@ class FusedDeepRNN(nn.Module):
             no_b = jnp.zeros((0, gate_width))
             for index, layer in enumerate(layers):
                 if index > 0:
-                    xs = project(top, layer["W_x"], layer["b"])
-                if lstm_layer is not None:
-                    ys, final = lstm_layer(xs, layer["W_h"], *states[index])
+                    xs = project(top, layer["W_x"])
+                if lstm_layer is not None:  # adds the bias inside its step
+                    ys, final = lstm_layer(xs, layer["W_h"], layer["b"], *states[index])
                     finals.append(final)
                 else:
                     state = tuple(part[None] for part in states[index])
-                    ys, final = recurrence(xs, layer["W_h"][None], recurrent_bias(layer)[None],
+                    ys, final = recurrence(xs + layer["b"], layer["W_h"][None],
+                                           recurrent_bias(layer)[None],
                                            no_w, no_b, state, w_hn([layer]))
                     finals.append(tuple(part[0] for part in final))
                 top = stack.between_layers(cfg, ys, top, index, train)
