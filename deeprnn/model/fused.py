@@ -298,10 +298,8 @@ class FusedDeepRNN(nn.Module):
             return None
 
         # Layer 0 reads a one-hot token: its input projection is a row gather, all steps at once.
-        # The cast rounds W_x as a bfloat16 matmul would (as the scratch cells do), before the
-        # gather: the rows are the same, and the gradient is rounded once, after the
-        # scatter-add (as the scratch model's is), not in a round trip over [T, B, 4H].
-        x0 = layers[0]["W_x"].astype(dtype).astype(jnp.float32)[tokens.T]
+        # The cast rounds the rows as a bfloat16 matmul would (as the scratch cells do).
+        x0 = layers[0]["W_x"][tokens.T].astype(dtype).astype(jnp.float32)
         if schedule == "wavefront":
             xs = jnp.pad(x0 + layers[0]["b"], ((0, num_layers - 1), (0, 0), (0, 0)))
             stacked = tuple(jnp.stack(parts) for parts in zip(*states, strict=True))
